@@ -1,0 +1,38 @@
+// How devices raise interrupts without knowing KVM. The VMM implements these with
+// KVM_IRQ_LINE, GSI routing and irqfds; tests implement them with counters.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+namespace kiln::devices {
+
+// A level-triggered interrupt line (ISA IRQ through the PIC/IOAPIC, PCI INTx).
+class IrqLine {
+ public:
+  virtual ~IrqLine() = default;
+  virtual void set_level(bool asserted) = 0;
+};
+
+// An edge-triggered interrupt that can be raised from any thread (an irqfd under KVM).
+class InterruptTrigger {
+ public:
+  virtual ~InterruptTrigger() = default;
+  virtual void trigger() = 0;
+};
+
+// One MSI / MSI-X vector: the guest programs address and data, the device triggers it.
+class MsiVector : public InterruptTrigger {
+ public:
+  // Called when the guest writes the vector's table entry or (un)masks it.
+  virtual void configure(uint64_t address, uint32_t data, bool masked) = 0;
+};
+
+// Hands out MSI vectors (the VMM backs each by a GSI route and an irqfd).
+class MsiAllocator {
+ public:
+  virtual ~MsiAllocator() = default;
+  virtual std::unique_ptr<MsiVector> allocate() = 0;
+};
+
+}  // namespace kiln::devices
