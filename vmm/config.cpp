@@ -1,0 +1,248 @@
+#include "vmm/config.h"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <cctype>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+namespace kiln::vmm {
+namespace {
+
+constexpr const char* kVersion = "kiln 0.1.0";
+constexpr uint32_t kMaxCmdline = 64 * 1024;
+
+// Splits "a=1,b=2" into key/value pairs; a bare word is returned with an empty key.
+std::vector<std::pair<std::string, std::string>> split_options(const std::string& text) {
+  std::vector<std::pair<std::string, std::string>> out;
+  std::stringstream stream(text);
+  std::string item;
+  while (std::getline(stream, item, ',')) {
+    auto eq = item.find('=');
+    if (eq == std::string::npos)
+      out.emplace_back("", item);
+    else
+      out.emplace_back(item.substr(0, eq), item.substr(eq + 1));
+  }
+  return out;
+}
+
+bool parse_on_off(const std::string& key, const std::string& value) {
+  if (value == "on" || value == "true" || value == "yes") return true;
+  if (value == "off" || value == "false" || value == "no") return false;
+  throw ConfigError(fmt::format("{}: expected on or off, got '{}'", key, value));
+}
+
+template <class T>
+T get_field(const nlohmann::json& j, const char* key) {
+  try {
+    return j.at(key).get<T>();
+  } catch (const nlohmann::json::exception&) {
+    throw ConfigError(fmt::format("config: '{}' has the wrong type", key));
+  }
+}
+
+void check_known_keys(const nlohmann::json& j, const std::set<std::string>& known,
+                      const std::string& where) {
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (!known.count(it.key()))
+      throw ConfigError(fmt::format("config: unknown key '{}' in {}", it.key(), where));
+}
+
+std::string serial_to_string(const SerialConfig& s) {
+  switch (s.mode) {
+    case SerialConfig::Mode::kStdio: return "stdio";
+    case SerialConfig::Mode::kPty: return "pty";
+    case SerialConfig::Mode::kFile: return "file:" + s.path;
+    case SerialConfig::Mode::kSocket: return "socket:" + s.path;
+    case SerialConfig::Mode::kOff: return "off";
+  }
+  return "off";
+}
+
+}  // namespace
+
+uint64_t parse_memory_size(const std::string& text) {
+  size_t used = 0;
+  unsigned long long number = 0;
+  try {
+    number = std::stoull(text, &used);
+  } catch (const std::exception&) {
+    throw ConfigError(fmt::format("invalid memory size '{}' (use e.g. 512M or 2G)", text));
+  }
+  std::string suffix = text.substr(used);
+  uint64_t shift = 20;  // a bare number is MiB, as QEMU's -m
+  if (suffix == "K" || suffix == "k") shift = 10;
+  else if (suffix == "M" || suffix == "m" || suffix.empty()) shift = 20;
+  else if (suffix == "G" || suffix == "g") shift = 30;
+  else if (suffix == "T" || suffix == "t") shift = 40;
+  else throw ConfigError(fmt::format("invalid memory size '{}' (use e.g. 512M or 2G)", text));
+  if (number == 0 || number > (UINT64_MAX >> shift))
+    throw ConfigError(fmt::format("invalid memory size '{}'", text));
+  return uint64_t(number) << shift;
+}
+
+SerialConfig parse_serial(const std::string& text) {
+  SerialConfig s;
+  if (text == "stdio") s.mode = SerialConfig::Mode::kStdio;
+  else if (text == "pty") s.mode = SerialConfig::Mode::kPty;
+  else if (text == "off" || text == "none") s.mode = SerialConfig::Mode::kOff;
+  else if (text.starts_with("file:") && text.size() > 5) s = {SerialConfig::Mode::kFile, text.substr(5)};
+  else if (text.starts_with("socket:") && text.size() > 7) s = {SerialConfig::Mode::kSocket, text.substr(7)};
+  else throw ConfigError(fmt::format("invalid --serial '{}' (stdio|pty|file:PATH|socket:PATH|off)", text));
+  return s;
+}
+
+DiskConfig parse_disk(const std::string& text) {
+  DiskConfig disk;
+  for (const auto& [key, value] : split_options(text)) {
+    if (key == "path" || (key.empty() && disk.path.empty())) disk.path = value;
+    else if (key == "format") disk.format = value;
+    else if (key == "readonly") disk.read_only = parse_on_off("readonly", value);
+    else if (key == "cache") disk.cache = value;
+    else if (key == "serial") disk.serial = value;
+    else throw ConfigError(fmt::format("--disk: unknown option '{}'", key.empty() ? value : key));
+  }
+  if (disk.path.empty()) throw ConfigError("--disk needs path=FILE");
+  if (disk.format != "raw" && disk.format != "qcow2")
+    throw ConfigError(fmt::format("--disk: unknown format '{}' (raw|qcow2)", disk.format));
+  if (disk.cache != "writeback" && disk.cache != "none")
+    throw ConfigError(fmt::format("--disk: unknown cache mode '{}' (writeback|none)", disk.cache));
+  if (disk.serial.size() > 20) throw ConfigError("--disk: serial is longer than 20 characters");
+  return disk;
+}
+
+void VmConfig::validate() const {
+  if (kernel.empty()) throw ConfigError("no kernel given (--kernel FILE)");
+  if (cpus == 0 || cpus > 254) throw ConfigError(fmt::format("--cpus {} is out of range (1-254)", cpus));
+  if (memory_bytes < (16ull << 20)) throw ConfigError("--memory must be at least 16M");
+  if (cmdline.size() >= kMaxCmdline) throw ConfigError("--cmdline is too long");
+  if (name.empty() || name.size() > 64) throw ConfigError("--name must be 1 to 64 characters");
+}
+
+void to_json(nlohmann::json& j, const VmConfig& c) {
+  j = {{"name", c.name}, {"kernel", c.kernel}, {"initramfs", c.initramfs},
+       {"cmdline", c.cmdline}, {"cpus", c.cpus}, {"memory", fmt::format("{}M", c.memory_bytes >> 20)},
+       {"serial", serial_to_string(c.serial)}, {"hugepages", c.hugepages},
+       {"prealloc", c.prealloc}, {"no_reboot", c.no_reboot}, {"rng", c.rng}, {"qmp", c.qmp}};
+  j["disks"] = nlohmann::json::array();
+  for (const DiskConfig& d : c.disks)
+    j["disks"].push_back({{"path", d.path}, {"format", d.format}, {"readonly", d.read_only},
+                          {"cache", d.cache}, {"serial", d.serial}});
+}
+
+void from_json(const nlohmann::json& j, VmConfig& c) {
+  if (!j.is_object()) throw ConfigError("config: the document must be a JSON object");
+  check_known_keys(j, {"name", "kernel", "initramfs", "cmdline", "cpus", "memory", "serial",
+                       "hugepages", "prealloc", "no_reboot", "disks", "rng", "qmp"},
+                   "the VM");
+  if (j.contains("name")) c.name = get_field<std::string>(j, "name");
+  if (j.contains("kernel")) c.kernel = get_field<std::string>(j, "kernel");
+  if (j.contains("initramfs")) c.initramfs = get_field<std::string>(j, "initramfs");
+  if (j.contains("cmdline")) c.cmdline = get_field<std::string>(j, "cmdline");
+  if (j.contains("cpus")) c.cpus = get_field<uint32_t>(j, "cpus");
+  if (j.contains("memory")) {
+    const auto& m = j.at("memory");
+    if (m.is_string()) c.memory_bytes = parse_memory_size(m.get<std::string>());
+    else if (m.is_number_unsigned()) c.memory_bytes = parse_memory_size(std::to_string(m.get<uint64_t>()));
+    else throw ConfigError("config: 'memory' must be a size string or a number of MiB");
+  }
+  if (j.contains("serial")) c.serial = parse_serial(get_field<std::string>(j, "serial"));
+  if (j.contains("hugepages")) c.hugepages = get_field<bool>(j, "hugepages");
+  if (j.contains("prealloc")) c.prealloc = get_field<bool>(j, "prealloc");
+  if (j.contains("no_reboot")) c.no_reboot = get_field<bool>(j, "no_reboot");
+  if (j.contains("rng")) c.rng = get_field<bool>(j, "rng");
+  if (j.contains("qmp")) c.qmp = get_field<std::string>(j, "qmp");
+  if (j.contains("disks")) {
+    if (!j.at("disks").is_array()) throw ConfigError("config: 'disks' must be an array");
+    c.disks.clear();
+    for (const auto& d : j.at("disks")) {
+      if (!d.is_object()) throw ConfigError("config: each disk must be an object");
+      check_known_keys(d, {"path", "format", "readonly", "cache", "serial"}, "a disk");
+      std::string text = "path=" + get_field<std::string>(d, "path");
+      if (d.contains("format")) text += ",format=" + get_field<std::string>(d, "format");
+      if (d.contains("readonly")) text += get_field<bool>(d, "readonly") ? ",readonly=on" : ",readonly=off";
+      if (d.contains("cache")) text += ",cache=" + get_field<std::string>(d, "cache");
+      DiskConfig disk = parse_disk(text);
+      if (d.contains("serial")) disk.serial = get_field<std::string>(d, "serial");
+      c.disks.push_back(disk);
+    }
+  }
+}
+
+VmConfig load_config_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw ConfigError(fmt::format("cannot read config file '{}'", path));
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw ConfigError(fmt::format("config file '{}' is not valid JSON: {}", path, e.what()));
+  }
+  VmConfig config;
+  from_json(j, config);
+  return config;
+}
+
+std::optional<VmConfig> parse_command_line(int argc, char** argv) {
+  CLI::App app{"kiln: a virtual machine monitor on Linux KVM", "kiln"};
+  app.set_version_flag("--version", kVersion);
+  std::string config_path, memory, serial, cmdline;
+  std::vector<std::string> disks;
+  VmConfig c;
+  app.add_option("--config", config_path, "VM config document (JSON); flags override it");
+  auto* kernel = app.add_option("--kernel", c.kernel, "Linux kernel (bzImage)");
+  auto* initramfs = app.add_option("--initramfs", c.initramfs, "initramfs image");
+  auto* cmd = app.add_option("--cmdline", cmdline, "kernel command line");
+  auto* cpus = app.add_option("--cpus", c.cpus, "number of vCPUs");
+  auto* mem = app.add_option("--memory", memory, "guest RAM, e.g. 512M, 3G");
+  auto* ser = app.add_option("--serial", serial, "stdio|pty|file:PATH|socket:PATH|off");
+  auto* name = app.add_option("--name", c.name, "VM name (process title)");
+  auto* huge = app.add_flag("--hugepages", c.hugepages, "back RAM with 2 MiB hugepages");
+  auto* pre = app.add_flag("--prealloc", c.prealloc, "allocate all RAM up front");
+  auto* noreboot = app.add_flag("--no-reboot", c.no_reboot, "exit instead of rebooting");
+  auto* disk = app.add_option("--disk", disks, "path=F[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]");
+  auto* rng = app.add_flag("--rng", c.rng, "virtio-rng device");
+  auto* qmp = app.add_option("--qmp", c.qmp, "QMP socket: unix:PATH[,server]");
+  auto* qmpfd = app.add_option("--qmp-fd", c.qmp_fd, "QMP on an inherited socket fd");
+  auto* kvmdev = app.add_option("--kvm-device", c.kvm_device, "KVM device node (default /dev/kvm)");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    app.exit(e);
+    return std::nullopt;
+  } catch (const CLI::CallForVersion& e) {
+    app.exit(e);
+    return std::nullopt;
+  } catch (const CLI::ParseError& e) {
+    throw ConfigError(e.what());
+  }
+  VmConfig result = config_path.empty() ? VmConfig{} : load_config_file(config_path);
+  // Flags given on the command line override the document.
+  if (kernel->count()) result.kernel = c.kernel;
+  if (initramfs->count()) result.initramfs = c.initramfs;
+  if (cmd->count()) result.cmdline = cmdline;
+  if (cpus->count()) result.cpus = c.cpus;
+  if (mem->count()) result.memory_bytes = parse_memory_size(memory);
+  if (ser->count()) result.serial = parse_serial(serial);
+  if (name->count()) result.name = c.name;
+  if (huge->count()) result.hugepages = true;
+  if (pre->count()) result.prealloc = true;
+  if (noreboot->count()) result.no_reboot = true;
+  if (rng->count()) result.rng = true;
+  if (qmp->count()) result.qmp = c.qmp;
+  if (qmpfd->count()) result.qmp_fd = c.qmp_fd;
+  if (kvmdev->count()) result.kvm_device = c.kvm_device;
+  if (disk->count()) {
+    result.disks.clear();
+    for (const auto& d : disks) result.disks.push_back(parse_disk(d));
+  }
+  result.validate();
+  return result;
+}
+
+}  // namespace kiln::vmm

@@ -1,0 +1,115 @@
+#include "vmm/config.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace kiln::vmm {
+namespace {
+
+std::optional<VmConfig> parse(std::vector<std::string> args) {
+  args.insert(args.begin(), "kiln");
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  return parse_command_line(int(argv.size()), argv.data());
+}
+
+TEST(ParseMemorySize, AcceptsSuffixesAndBareMebibytes) {
+  EXPECT_EQ(parse_memory_size("512M"), 512ull << 20);
+  EXPECT_EQ(parse_memory_size("3G"), 3ull << 30);
+  EXPECT_EQ(parse_memory_size("1024"), 1024ull << 20);
+  EXPECT_EQ(parse_memory_size("1T"), 1ull << 40);
+  for (const char* bad : {"", "0", "12X", "-1G", "G", "99999999999999999999G", "1e9"})
+    EXPECT_THROW(parse_memory_size(bad), ConfigError) << bad;
+}
+
+TEST(ParseSerial, KnowsEveryMode) {
+  EXPECT_EQ(parse_serial("stdio").mode, SerialConfig::Mode::kStdio);
+  EXPECT_EQ(parse_serial("pty").mode, SerialConfig::Mode::kPty);
+  EXPECT_EQ(parse_serial("off").mode, SerialConfig::Mode::kOff);
+  auto file = parse_serial("file:/tmp/x.log");
+  EXPECT_EQ(file.mode, SerialConfig::Mode::kFile);
+  EXPECT_EQ(file.path, "/tmp/x.log");
+  EXPECT_EQ(parse_serial("socket:/run/s").path, "/run/s");
+  EXPECT_THROW(parse_serial("file:"), ConfigError);
+  EXPECT_THROW(parse_serial("tcp:1234"), ConfigError);
+}
+
+TEST(ParseDisk, ReadsOptionsAndRefusesUnknownOnes) {
+  auto d = parse_disk("path=/a.img,format=qcow2,readonly=on,cache=none,serial=abc");
+  EXPECT_EQ(d.path, "/a.img");
+  EXPECT_EQ(d.format, "qcow2");
+  EXPECT_TRUE(d.read_only);
+  EXPECT_EQ(d.cache, "none");
+  EXPECT_EQ(d.serial, "abc");
+  EXPECT_THROW(parse_disk("format=raw"), ConfigError);
+  EXPECT_THROW(parse_disk("path=a,format=vmdk"), ConfigError);
+  EXPECT_THROW(parse_disk("path=a,readonly=maybe"), ConfigError);
+  EXPECT_THROW(parse_disk("path=a,bogus=1"), ConfigError);
+  EXPECT_THROW(parse_disk("path=a,serial=012345678901234567890"), ConfigError);
+}
+
+TEST(CommandLine, ParsesEveryFlag) {
+  auto c = parse({"--kernel", "vmlinuz", "--initramfs", "ir.gz", "--cmdline", "console=ttyS0 quiet",
+                  "--cpus", "4", "--memory", "3G", "--serial", "off", "--name", "web1",
+                  "--hugepages", "--prealloc", "--no-reboot", "--disk", "path=d.img", "--rng"});
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->kernel, "vmlinuz");
+  EXPECT_EQ(c->initramfs, "ir.gz");
+  EXPECT_EQ(c->cmdline, "console=ttyS0 quiet");
+  EXPECT_EQ(c->cpus, 4u);
+  EXPECT_EQ(c->memory_bytes, 3ull << 30);
+  EXPECT_EQ(c->serial.mode, SerialConfig::Mode::kOff);
+  EXPECT_EQ(c->name, "web1");
+  EXPECT_TRUE(c->hugepages && c->prealloc && c->no_reboot && c->rng);
+  ASSERT_EQ(c->disks.size(), 1u);
+}
+
+TEST(CommandLine, MistakesAreConfigErrors) {
+  EXPECT_THROW(parse({"--kernel", "k", "--bogus"}), ConfigError);
+  EXPECT_THROW(parse({"--memory", "1G"}), ConfigError);  // no kernel
+  EXPECT_THROW(parse({"--kernel", "k", "--cpus", "0"}), ConfigError);
+  EXPECT_THROW(parse({"--kernel", "k", "--cpus", "many"}), ConfigError);
+  EXPECT_THROW(parse({"--kernel", "k", "--memory", "8M"}), ConfigError);
+  EXPECT_THROW(parse({"--kernel", "k", "--cmdline", std::string(70000, 'a')}), ConfigError);
+}
+
+TEST(ConfigDocument, RoundTripsThroughJsonAndFlagsOverrideIt) {
+  VmConfig c;
+  c.kernel = "vmlinuz";
+  c.cpus = 2;
+  c.memory_bytes = 1ull << 30;
+  c.disks.push_back(parse_disk("path=d.img,format=qcow2,serial=s1"));
+  nlohmann::json j = c;
+  std::string path = ::testing::TempDir() + "/vm.json";
+  std::ofstream(path) << j.dump(2);
+  auto loaded = parse({"--config", path, "--cpus", "3"});
+  ASSERT_TRUE(loaded);
+  EXPECT_EQ(loaded->kernel, "vmlinuz");
+  EXPECT_EQ(loaded->cpus, 3u);
+  EXPECT_EQ(loaded->memory_bytes, 1ull << 30);
+  ASSERT_EQ(loaded->disks.size(), 1u);
+  EXPECT_EQ(loaded->disks[0].format, "qcow2");
+  EXPECT_EQ(loaded->disks[0].serial, "s1");
+}
+
+TEST(ConfigDocument, BadDocumentsAreConfigErrors) {
+  auto write = [](const std::string& text) {
+    std::string path = ::testing::TempDir() + "/bad.json";
+    std::ofstream(path) << text;
+    return path;
+  };
+  EXPECT_THROW(parse({"--config", write("{\"kernel\": ")}), ConfigError);
+  EXPECT_THROW(parse({"--config", write("[1,2]")}), ConfigError);
+  EXPECT_THROW(parse({"--config", write("{\"kernel\":\"k\",\"cpu\":2}")}), ConfigError);
+  EXPECT_THROW(parse({"--config", write("{\"kernel\":\"k\",\"cpus\":\"two\"}")}), ConfigError);
+  EXPECT_THROW(parse({"--config", write("{\"kernel\":\"k\",\"disks\":[{\"path\":1}]}")}), ConfigError);
+  EXPECT_THROW(parse({"--config", "/nonexistent/vm.json"}), ConfigError);
+}
+
+}  // namespace
+}  // namespace kiln::vmm

@@ -1,0 +1,337 @@
+#include "vmm/machine.h"
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <fstream>
+
+#include "arch/x86/acpi/acpi.h"
+#include "arch/x86/boot.h"
+#include "arch/x86/cpuid.h"
+#include "devices/bus.h"
+#include "devices/legacy/acpi_pm.h"
+#include "devices/legacy/debug_exit.h"
+#include "devices/legacy/i8042.h"
+#include "devices/legacy/rtc.h"
+#include "devices/legacy/serial.h"
+#include "devices/legacy/sink.h"
+#include "hv/kvm.h"
+#include "memory/guest_memory.h"
+
+namespace kiln::vmm {
+namespace {
+
+// KVM needs three pages for the TSS and one for the identity map of real mode under EPT/NPT;
+// they sit at the top of the 32-bit hole, below the BIOS area, where nothing else lives.
+constexpr uint64_t kTssAddress = 0xfffb'd000;
+constexpr uint64_t kIdentityMapAddress = 0xfffb'c000;
+constexpr uint32_t kSerialIrq = 4;
+constexpr uint32_t kSciIrq = 9;
+// The signal that kicks a vCPU thread out of KVM_RUN; its handler does nothing.
+const int kKickSignal = SIGUSR1;
+
+// An ISA interrupt line into KVM's in-kernel PIC and IOAPIC.
+class KvmIrqLine : public devices::IrqLine {
+ public:
+  KvmIrqLine(hv::Vm& vm, uint32_t gsi) : vm_(vm), gsi_(gsi) {}
+  void set_level(bool asserted) override { vm_.set_irq_line(gsi_, asserted); }
+
+ private:
+  hv::Vm& vm_;
+  uint32_t gsi_;
+};
+
+void install_kick_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction action {};
+    action.sa_handler = [](int) {};
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return EINTR
+    sigaction(kKickSignal, &action, nullptr);
+  });
+}
+
+uint64_t host_memory_limit() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  uint64_t value = 0, total = 0;
+  std::string unit;
+  while (meminfo >> key >> value >> unit)
+    if (key == "MemTotal:" || key == "SwapTotal:") total += value * 1024;
+  return total;
+}
+
+std::vector<uint8_t> read_file_or_config_error(const std::string& path, const char* what) {
+  try {
+    return x86::read_boot_file(path);
+  } catch (const std::exception& e) {
+    throw ConfigError(fmt::format("{}: {}", what, e.what()));
+  }
+}
+
+}  // namespace
+
+struct Machine::Impl {
+  const VmConfig& config;
+  ConsoleIo console;
+  hv::Kvm kvm;
+  std::unique_ptr<hv::Vm> vm;
+  std::optional<memory::GuestMemory> memory;
+  devices::Bus pio;
+  devices::Bus mmio;
+  std::shared_ptr<devices::legacy::Serial> serial;
+  std::shared_ptr<devices::legacy::AcpiPm> acpi_pm;
+  std::vector<std::unique_ptr<hv::Vcpu>> vcpus;
+  std::vector<std::thread> threads;
+
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::optional<StopEvent> stop;
+  bool paused = false;
+  std::atomic<bool> stopping{false};
+  std::atomic<int> paused_vcpus{0};
+
+  Impl(const VmConfig& c, ConsoleIo io) : config(c), console(std::move(io)), kvm(hv::Kvm::open(c.kvm_device)) {}
+
+  void build();
+  void check_host_limits();
+  void create_memory();
+  void create_devices();
+  x86::LoadedKernel load_kernel();
+  void create_vcpus(const x86::LoadedKernel& kernel);
+  void vcpu_loop(hv::Vcpu& vcpu);
+  bool handle_exit(hv::Vcpu& vcpu, const hv::VcpuExit& exit);
+  void dispatch_io(const devices::Bus& bus, const hv::VcpuExit& exit);
+  void wait_while_paused();
+  void post_stop(StopEvent event);
+  void kick_all();
+};
+
+void Machine::Impl::check_host_limits() {
+  kvm.require_capabilities();
+  int max_vcpus = kvm.max_vcpus();
+  if (max_vcpus > 0 && config.cpus > uint32_t(max_vcpus))
+    throw ConfigError(fmt::format("--cpus {}: this host's KVM allows at most {} vCPUs", config.cpus,
+                                  max_vcpus));
+  uint64_t limit = host_memory_limit();
+  if (limit && config.memory_bytes > limit)
+    throw ConfigError(fmt::format("--memory {}M is more than this host has ({}M of RAM and swap)",
+                                  config.memory_bytes >> 20, limit >> 20));
+}
+
+void Machine::Impl::create_memory() {
+  memory::Options options{config.hugepages, config.prealloc};
+  memory = memory::GuestMemory::create_ram(config.memory_bytes, options);
+  uint32_t slot = 0;
+  for (const memory::Region& region : memory->regions())
+    vm->map_memory(slot++, region.gpa, region.size, region.host);
+}
+
+void Machine::Impl::create_devices() {
+  using namespace devices::legacy;
+  auto serial_irq = std::make_shared<KvmIrqLine>(*vm, kSerialIrq);
+  serial = std::make_shared<Serial>(serial_irq, console.write);
+  pio.insert(serial, Serial::kCom1Base, Serial::kLength);
+
+  auto reset = [this] { post_stop({StopReason::kReset, 0, "guest reset"}); };
+  auto i8042 = std::make_shared<I8042>(reset);
+  pio.insert(i8042, I8042::kDataPort, 1);
+  pio.insert(i8042, I8042::kCommandPort, 1);
+  pio.insert(std::make_shared<Rtc>(), Rtc::kBase, Rtc::kLength);
+  pio.insert(std::make_shared<DebugExit>([this](uint8_t code) {
+               post_stop({StopReason::kDebugExit, code, "guest wrote the debug-exit port"});
+             }),
+             DebugExit::kPort, 1);
+  acpi_pm = std::make_shared<AcpiPm>(
+      std::make_shared<KvmIrqLine>(*vm, kSciIrq),
+      [this] { post_stop({StopReason::kPowerOff, 0, "guest powered off"}); }, reset);
+  acpi_pm->attach(pio);
+  attach_sinks(pio);
+}
+
+x86::LoadedKernel Machine::Impl::load_kernel() {
+  auto kernel = read_file_or_config_error(config.kernel, "--kernel");
+  std::vector<uint8_t> initramfs;
+  if (!config.initramfs.empty()) initramfs = read_file_or_config_error(config.initramfs, "--initramfs");
+  uint64_t rsdp = x86::acpi::write_acpi_tables(*memory, {config.cpus, false});
+  try {
+    return x86::load_linux(*memory, kernel, initramfs, config.cmdline, rsdp);
+  } catch (const x86::BootError& e) {
+    throw ConfigError(e.what());
+  }
+}
+
+void Machine::Impl::create_vcpus(const x86::LoadedKernel& kernel) {
+  auto host_cpuid = kvm.supported_cpuid();
+  auto msrs = x86::boot_msrs();
+  for (uint32_t i = 0; i < config.cpus; ++i) {
+    auto vcpu = vm->create_vcpu(int(i));
+    auto cpuid = x86::vcpu_cpuid(host_cpuid, i, config.cpus, x86::kDefaultKvmFeatures);
+    vcpu->set_cpuid(cpuid);
+    vcpu->set_msrs(msrs);
+    // The application processors wait for INIT/SIPI in KVM's in-kernel LAPIC.
+    if (i == 0) vcpu->set_boot_state(kernel.cpu);
+    vcpus.push_back(std::move(vcpu));
+  }
+}
+
+void Machine::Impl::build() {
+  check_host_limits();
+  vm = hv::Vm::create(kvm);
+  vm->set_tss_address(kTssAddress);
+  vm->set_identity_map_address(kIdentityMapAddress);
+  vm->create_irqchip();
+  vm->create_pit();
+  create_memory();
+  create_devices();
+  create_vcpus(load_kernel());
+}
+
+void Machine::Impl::dispatch_io(const devices::Bus& bus, const hv::VcpuExit& exit) {
+  for (uint32_t i = 0; i < exit.count; ++i) {
+    auto item = exit.data.subspan(size_t(i) * exit.size, exit.size);
+    if (exit.is_write)
+      bus.write(exit.address, item);
+    else
+      bus.read(exit.address, item);
+  }
+}
+
+// Returns false when the vCPU must stop running.
+bool Machine::Impl::handle_exit(hv::Vcpu& vcpu, const hv::VcpuExit& exit) {
+  using Kind = hv::VcpuExit::Kind;
+  switch (exit.kind) {
+    case Kind::kIo:
+      dispatch_io(pio, exit);
+      return true;
+    case Kind::kMmio:
+      dispatch_io(mmio, exit);
+      return true;
+    case Kind::kInterrupted:
+      vcpu.set_immediate_exit(false);
+      return true;
+    case Kind::kSystemEvent:
+      if (exit.code == 1) post_stop({StopReason::kPowerOff, 0, "guest powered off"});
+      else if (exit.code == 2) post_stop({StopReason::kReset, 0, "guest reset"});
+      else post_stop({StopReason::kFatal, 0, fmt::format("guest crashed (system event {})", exit.code)});
+      return false;
+    case Kind::kShutdown:
+      post_stop({StopReason::kFatal, 0, "triple fault\n" + vcpu.describe_registers()});
+      return false;
+    case Kind::kHalt:
+      post_stop({StopReason::kFatal, 0, "vCPU halted with interrupts off\n" + vcpu.describe_registers()});
+      return false;
+    default:
+      post_stop({StopReason::kFatal, 0,
+                 fmt::format("KVM exit {} (code {:#x})\n{}", int(exit.kind), exit.code,
+                             vcpu.describe_registers())});
+      return false;
+  }
+}
+
+void Machine::Impl::wait_while_paused() {
+  std::unique_lock lock(mutex);
+  if (!paused) return;
+  ++paused_vcpus;
+  changed.notify_all();
+  changed.wait(lock, [this] { return !paused || stopping.load(); });
+  --paused_vcpus;
+}
+
+void Machine::Impl::vcpu_loop(hv::Vcpu& vcpu) {
+  pthread_setname_np(pthread_self(), fmt::format("vcpu{}", vcpu.index()).c_str());
+  try {
+    while (!stopping.load()) {
+      if (!handle_exit(vcpu, vcpu.run())) break;
+      wait_while_paused();
+    }
+  } catch (const std::exception& e) {
+    post_stop({StopReason::kFatal, 0, fmt::format("vcpu{}: {}", vcpu.index(), e.what())});
+  }
+}
+
+void Machine::Impl::post_stop(StopEvent event) {
+  {
+    std::lock_guard lock(mutex);
+    if (stop) return;  // the first reason wins
+    stop = std::move(event);
+    stopping = true;
+  }
+  changed.notify_all();
+}
+
+void Machine::Impl::kick_all() {
+  for (size_t i = 0; i < vcpus.size(); ++i) {
+    vcpus[i]->set_immediate_exit(true);
+    if (i < threads.size()) pthread_kill(threads[i].native_handle(), kKickSignal);
+  }
+}
+
+Machine::Machine(const VmConfig& config, ConsoleIo console) : config_(config) {
+  install_kick_handler();
+  impl_ = std::make_unique<Impl>(config_, std::move(console));
+  impl_->build();
+}
+
+Machine::~Machine() {
+  if (!impl_) return;
+  impl_->stopping = true;
+  impl_->changed.notify_all();
+  impl_->kick_all();
+  for (auto& t : impl_->threads)
+    if (t.joinable()) t.join();
+}
+
+StopEvent Machine::run() {
+  for (auto& vcpu : impl_->vcpus)
+    impl_->threads.emplace_back([this, v = vcpu.get()] { impl_->vcpu_loop(*v); });
+  std::unique_lock lock(impl_->mutex);
+  impl_->changed.wait(lock, [this] { return impl_->stop.has_value(); });
+  StopEvent event = *impl_->stop;
+  lock.unlock();
+  // Kick until every vCPU has left KVM_RUN: a kick that lands just before KVM_RUN is entered is
+  // still seen through immediate_exit.
+  impl_->kick_all();
+  for (auto& t : impl_->threads) t.join();
+  impl_->threads.clear();
+  return event;
+}
+
+void Machine::press_power_button() { impl_->acpi_pm->press_power_button(); }
+
+void Machine::request_stop(StopEvent event) { impl_->post_stop(std::move(event)); }
+
+void Machine::pause() {
+  std::unique_lock lock(impl_->mutex);
+  if (impl_->paused) return;
+  impl_->paused = true;
+  lock.unlock();
+  impl_->kick_all();
+  lock.lock();
+  impl_->changed.wait(lock, [this] {
+    return impl_->stopping.load() || impl_->paused_vcpus.load() == int(impl_->threads.size());
+  });
+}
+
+void Machine::resume() {
+  {
+    std::lock_guard lock(impl_->mutex);
+    impl_->paused = false;
+  }
+  impl_->changed.notify_all();
+}
+
+bool Machine::paused() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->paused;
+}
+
+bool Machine::send_console_input(std::span<const uint8_t> bytes) {
+  return impl_->serial->enqueue_input(bytes);
+}
+
+}  // namespace kiln::vmm

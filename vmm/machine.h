@@ -1,0 +1,67 @@
+// A VM assembled from a VmConfig: KVM VM and vCPUs, guest memory, buses and devices, the loaded
+// kernel. run() drives it until the guest powers off, resets or fails; the caller decides whether a
+// reset means booting a fresh Machine (reboot) or exiting (--no-reboot).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "vmm/config.h"
+
+namespace kiln::vmm {
+
+enum class StopReason {
+  kPowerOff,   // ACPI S5 from the guest
+  kReset,      // guest reboot (ACPI reset register, i8042 pulse, triple fault on request)
+  kDebugExit,  // the guest wrote the debug-exit port
+  kQuit,       // the host asked (signal grace period over, QMP quit)
+  kFatal,      // triple fault or KVM internal error: message has the registers
+};
+
+struct StopEvent {
+  StopReason reason = StopReason::kPowerOff;
+  int code = 0;  // kDebugExit: the byte the guest wrote
+  std::string message;
+};
+
+// Where the serial console goes; owned by the caller so it survives a reboot.
+struct ConsoleIo {
+  std::function<void(std::span<const uint8_t>)> write;
+};
+
+class Machine {
+ public:
+  // Builds the whole VM; throws ConfigError for user mistakes the host reveals (missing kernel,
+  // too many vCPUs) and std::runtime_error subclasses for host failures.
+  Machine(const VmConfig& config, ConsoleIo console);
+  ~Machine();
+
+  // Runs the vCPUs until the first stop event; returns it. Call once.
+  StopEvent run();
+
+  // Thread-safe controls (signal handler threads, QMP).
+  void press_power_button();
+  void request_stop(StopEvent event);
+  void pause();
+  void resume();
+  bool paused() const;
+  // Host console input for the serial port (stdin reader thread).
+  bool send_console_input(std::span<const uint8_t> bytes);
+
+  const VmConfig& config() const { return config_; }
+
+ private:
+  struct Impl;
+  VmConfig config_;  // before impl_, which refers to it
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kiln::vmm

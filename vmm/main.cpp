@@ -1,0 +1,144 @@
+// kiln: the VMM executable. Parses the config, builds a Machine, runs it, and maps how it ended to
+// an exit status: 0 guest powered off (or quit), 2 a user error, 3 the guest crashed the vCPU
+// (triple fault, KVM internal error), 1 a host failure; a debug-exit byte is returned as is.
+#include <signal.h>
+#include <sys/prctl.h>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cstdio>
+#include <mutex>
+#include <thread>
+
+#include "hv/kvm.h"
+#include "vmm/config.h"
+#include "vmm/console.h"
+#include "vmm/machine.h"
+
+namespace kiln::vmm {
+namespace {
+
+constexpr int kExitHostError = 1;
+constexpr int kExitUsage = 2;
+constexpr int kExitGuestCrash = 3;
+constexpr auto kShutdownGrace = std::chrono::seconds(30);
+
+// The machine currently running, for the signal and console threads (it changes on reboot).
+std::mutex g_machine_mutex;
+Machine* g_machine = nullptr;
+
+template <class F>
+void with_machine(F&& f) {
+  std::lock_guard lock(g_machine_mutex);
+  if (g_machine) f(*g_machine);
+}
+
+// SIGTERM/SIGINT/SIGHUP press the ACPI power button; if the guest is not down after the grace
+// period, kiln stops it. A second signal stops it at once.
+void handle_signals(sigset_t set) {
+  int presses = 0;
+  for (;;) {
+    int sig = 0;
+    if (sigwait(&set, &sig) != 0) continue;
+    if (++presses == 1) {
+      spdlog::info("{}: asking the guest to power off", strsignal(sig));
+      with_machine([](Machine& m) { m.press_power_button(); });
+      std::thread([] {
+        std::this_thread::sleep_for(kShutdownGrace);
+        with_machine([](Machine& m) {
+          m.request_stop({StopReason::kQuit, kExitHostError,
+                          "the guest did not power off in time; stopped it"});
+        });
+      }).detach();
+    } else {
+      with_machine([](Machine& m) { m.request_stop({StopReason::kQuit, 0, "stopped by signal"}); });
+    }
+  }
+}
+
+sigset_t block_termination_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);  // inherited by every thread started after this
+  return set;
+}
+
+void set_process_title(const std::string& name) {
+  std::string title = "kiln:" + name;
+  prctl(PR_SET_NAME, title.substr(0, 15).c_str());
+}
+
+// Runs machines until one ends for good; returns the exit status.
+int run_vm(const VmConfig& config) {
+  auto console = open_console(config.serial);
+  console->start(
+      [](std::span<const uint8_t> bytes) {
+        with_machine([&](Machine& m) { m.send_console_input(bytes); });
+      },
+      [] { with_machine([](Machine& m) { m.request_stop({StopReason::kQuit, 0, "quit from console"}); }); });
+  ConsoleIo io{[&console](std::span<const uint8_t> bytes) { console->write(bytes); }};
+  for (;;) {
+    Machine machine(config, io);
+    {
+      std::lock_guard lock(g_machine_mutex);
+      g_machine = &machine;
+    }
+    StopEvent event = machine.run();
+    {
+      std::lock_guard lock(g_machine_mutex);
+      g_machine = nullptr;
+    }
+    switch (event.reason) {
+      case StopReason::kPowerOff:
+        return 0;
+      case StopReason::kReset:
+        if (config.no_reboot) return 0;
+        spdlog::info("guest reset: rebooting");
+        continue;
+      case StopReason::kDebugExit:
+        return event.code;
+      case StopReason::kQuit:
+        if (event.code) spdlog::error("{}", event.message);
+        return event.code;
+      case StopReason::kFatal:
+        spdlog::error("the guest stopped: {}", event.message);
+        return kExitGuestCrash;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kiln::vmm
+
+int main(int argc, char** argv) {
+  using namespace kiln::vmm;
+  spdlog::set_pattern("kiln: %^%l%$: %v");
+  sigset_t signals = block_termination_signals();
+  std::optional<VmConfig> config;
+  try {
+    config = parse_command_line(argc, argv);
+    if (!config) return 0;
+  } catch (const ConfigError& e) {
+    fmt::print(stderr, "kiln: error: {}\n", e.what());
+    return kExitUsage;
+  }
+  set_process_title(config->name);
+  std::thread(handle_signals, signals).detach();
+  try {
+    return run_vm(*config);
+  } catch (const ConfigError& e) {
+    fmt::print(stderr, "kiln: error: {}\n", e.what());
+    return kExitUsage;
+  } catch (const kiln::hv::HvError& e) {
+    fmt::print(stderr, "kiln: error: {}\n", e.what());
+    return kExitUsage;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "kiln: error: {}\n", e.what());
+    return kExitHostError;
+  }
+}
