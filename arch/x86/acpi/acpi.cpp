@@ -386,6 +386,12 @@ Rsdp make_rsdp(uint64_t xsdt_address) {
   return rsdp;
 }
 
+std::string hex(uint64_t value) {
+  char text[17];
+  snprintf(text, sizeof(text), "%llx", static_cast<unsigned long long>(value));
+  return text;
+}
+
 // ---- Placement ---------------------------------------------------------------------------------
 
 // The table area as one host buffer: tables are placed one after another (aligned), then the whole
@@ -417,12 +423,6 @@ class TableArea {
 
   uint64_t start() const { return start_; }
   std::span<const uint8_t> bytes() const { return bytes_; }
-
-  static std::string hex(uint64_t value) {
-    char text[17];
-    snprintf(text, sizeof(text), "%llx", static_cast<unsigned long long>(value));
-    return text;
-  }
 
  private:
   uint64_t start_;
@@ -460,8 +460,8 @@ uint64_t write_acpi_tables(const memory::GuestMemory& mem, const AcpiConfig& con
 
   if (!mem.write(area.start(), area.bytes())) {
     throw std::runtime_error("ACPI: guest RAM does not cover the table area 0x" +
-                             TableArea::hex(area.start()) + "-0x" +
-                             TableArea::hex(area.start() + area.bytes().size() - 1));
+                             hex(area.start()) + "-0x" +
+                             hex(area.start() + area.bytes().size() - 1));
   }
   return rsdp;
 }
