@@ -145,19 +145,19 @@ void Machine::Impl::create_devices() {
   pio.insert(std::make_shared<DebugExit>([this](uint8_t code) {
                post_stop({StopReason::kDebugExit, code, "guest wrote the debug-exit port"});
              }),
-             DebugExit::kPort, 1);
-  acpi_pm = std::make_shared<AcpiPm>(
-      std::make_shared<KvmIrqLine>(*vm, kSciIrq),
-      [this] { post_stop({StopReason::kPowerOff, 0, "guest powered off"}); }, reset);
-  acpi_pm->attach(pio);
-  attach_sinks(pio);
+             DebugExit::kPort, DebugExit::kLength);
+  AcpiPm::Callbacks power{[this] { post_stop({StopReason::kPowerOff, 0, "guest powered off"}); },
+                         reset};
+  acpi_pm = std::make_shared<AcpiPm>(std::make_shared<KvmIrqLine>(*vm, kSciIrq), power);
+  pio.insert(acpi_pm, AcpiPm::kBase, AcpiPm::kLength);
+  insert_quiet_ports(pio);
 }
 
 x86::LoadedKernel Machine::Impl::load_kernel() {
   auto kernel = read_file_or_config_error(config.kernel, "--kernel");
   std::vector<uint8_t> initramfs;
   if (!config.initramfs.empty()) initramfs = read_file_or_config_error(config.initramfs, "--initramfs");
-  uint64_t rsdp = x86::acpi::write_acpi_tables(*memory, {config.cpus, false});
+  uint64_t rsdp = acpi::write_acpi_tables(*memory, {config.cpus, false});
   try {
     return x86::load_linux(*memory, kernel, initramfs, config.cmdline, rsdp);
   } catch (const x86::BootError& e) {
@@ -170,7 +170,7 @@ void Machine::Impl::create_vcpus(const x86::LoadedKernel& kernel) {
   auto msrs = x86::boot_msrs();
   for (uint32_t i = 0; i < config.cpus; ++i) {
     auto vcpu = vm->create_vcpu(int(i));
-    auto cpuid = x86::vcpu_cpuid(host_cpuid, i, config.cpus, x86::kDefaultKvmFeatures);
+    auto cpuid = x86::build_vcpu_cpuid(host_cpuid, {i, config.cpus}, x86::kDefaultKvmFeatures);
     vcpu->set_cpuid(cpuid);
     vcpu->set_msrs(msrs);
     // The application processors wait for INIT/SIPI in KVM's in-kernel LAPIC.
