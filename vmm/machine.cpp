@@ -139,8 +139,7 @@ void Machine::Impl::create_devices() {
 
   auto reset = [this] { post_stop({StopReason::kReset, 0, "guest reset"}); };
   auto i8042 = std::make_shared<I8042>(reset);
-  pio.insert(i8042, I8042::kDataPort, 1);
-  pio.insert(i8042, I8042::kCommandPort, 1);
+  I8042::insert(pio, i8042);
   pio.insert(std::make_shared<Rtc>(), Rtc::kBase, Rtc::kLength);
   pio.insert(std::make_shared<DebugExit>([this](uint8_t code) {
                post_stop({StopReason::kDebugExit, code, "guest wrote the debug-exit port"});
