@@ -1,7 +1,15 @@
+// The uapi headers declare flexible arrays through __DECLARE_FLEX_ARRAY, which in C++ adds an
+// empty struct member of size 1: sizeof(kvm_cpuid2) becomes 12 instead of 8, and with it the
+// ioctl numbers that encode the size (KVM then answers EINVAL). Declare them as plain C
+// flexible arrays instead, before <linux/kvm.h> is seen.
+#include <linux/stddef.h>
+#undef __DECLARE_FLEX_ARRAY
+#define __DECLARE_FLEX_ARRAY(TYPE, NAME) TYPE NAME[]
+#include <linux/kvm.h>
+
 #include "hv/kvm.h"
 
 #include <fcntl.h>
-#include <linux/kvm.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 
@@ -10,6 +18,9 @@
 #include <fmt/format.h>
 
 #include "base/errors.h"
+
+static_assert(sizeof(kvm_cpuid2) == 8 && sizeof(kvm_msrs) == 8 && sizeof(kvm_irq_routing) == 8,
+              "kvm uapi structs must have their C layout");
 
 namespace kiln::hv {
 namespace {
