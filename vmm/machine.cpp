@@ -193,10 +193,14 @@ void Machine::Impl::build() {
 void Machine::Impl::dispatch_io(const devices::Bus& bus, const hv::VcpuExit& exit) {
   for (uint32_t i = 0; i < exit.count; ++i) {
     auto item = exit.data.subspan(size_t(i) * exit.size, exit.size);
-    if (exit.is_write)
-      bus.write(exit.address, item);
-    else
-      bus.read(exit.address, item);
+    bool claimed = exit.is_write ? bus.write(exit.address, item) : bus.read(exit.address, item);
+    SPDLOG_LOGGER_TRACE(spdlog::default_logger(), "{} {} {:#x}/{} = {:#x}{}",
+                        exit.kind == hv::VcpuExit::Kind::kIo ? "pio" : "mmio",
+                        exit.is_write ? "write" : "read", exit.address, exit.size,
+                        devices::load_le(item), claimed ? "" : " (unclaimed)");
+    if (!claimed)
+      spdlog::debug("unclaimed {} {} at {:#x}", exit.is_write ? "write" : "read",
+                    exit.kind == hv::VcpuExit::Kind::kIo ? "port" : "address", exit.address);
   }
 }
 

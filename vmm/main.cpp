@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 
@@ -118,6 +119,9 @@ int run_vm(const VmConfig& config) {
 int main(int argc, char** argv) {
   using namespace kiln::vmm;
   spdlog::set_pattern("kiln: %^%l%$: %v");
+  // KILN_LOG=debug|trace shows unclaimed (or all) device accesses; spdlog's own env loader
+  // would also do, but one variable with kiln's name is what users look for.
+  if (const char* level = std::getenv("KILN_LOG")) spdlog::set_level(spdlog::level::from_str(level));
   sigset_t signals = block_termination_signals();
   std::optional<VmConfig> config;
   try {
