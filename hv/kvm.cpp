@@ -117,10 +117,18 @@ std::vector<x86::CpuidEntry> Kvm::supported_cpuid() const {
   auto* cpuid = reinterpret_cast<kvm_cpuid2*>(buffer.data());
   cpuid->nent = kMaxCpuidEntries;
   checked_ioctl(fd_.get(), KVM_GET_SUPPORTED_CPUID, cpuid, "KVM_GET_SUPPORTED_CPUID");
+  // KVM emulates the TSC-deadline LAPIC timer but leaves it out of KVM_GET_SUPPORTED_CPUID and
+  // reports it as a capability instead (api.rst). Offering it matters: without it Linux must
+  // calibrate the LAPIC timer against the PIT, which fails on a slow (nested) host and leaves the
+  // guest without a working timer.
+  const bool tsc_deadline = check_extension(KVM_CAP_TSC_DEADLINE_TIMER) > 0;
+  constexpr uint32_t kTscDeadlineBit = 1u << 24;  // CPUID.01H:ECX[24]
   std::vector<x86::CpuidEntry> entries;
   for (uint32_t i = 0; i < cpuid->nent; ++i) {
     const kvm_cpuid_entry2& e = cpuid->entries[i];
-    entries.push_back({e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx});
+    x86::CpuidEntry entry{e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx};
+    if (entry.function == 1 && tsc_deadline) entry.ecx |= kTscDeadlineBit;
+    entries.push_back(entry);
   }
   return entries;
 }
