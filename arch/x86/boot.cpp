@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
-#include <iterator>
 
 #include "arch/x86/e820.h"
 
@@ -118,7 +118,10 @@ uint64_t choose_load_address(const SetupHeader& hdr) {
 // below pref_address (LOAD_PHYSICAL_ADDR), and needs init_size bytes from there.
 uint64_t kernel_reserved_end(const SetupHeader& hdr, uint64_t load_addr) {
   uint64_t runtime_start = std::max(load_addr, hdr.pref_address);
-  return runtime_start + std::max<uint64_t>(hdr.init_size, hdr.kernel_size());
+  uint64_t size = std::max<uint64_t>(hdr.init_size, hdr.kernel_size());
+  if (runtime_start > UINT64_MAX - size)
+    throw BootError("kernel pref_address " + hex(hdr.pref_address) + " is out of range");
+  return runtime_start + size;
 }
 
 // ---- ELF vmlinux ----
@@ -358,11 +361,13 @@ LoadedKernel load_linux(const memory::GuestMemory& mem, std::span<const uint8_t>
 }
 
 std::vector<uint8_t> read_boot_file(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) throw BootError("no such file: " + path);
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw BootError("cannot open " + path);
-  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)),
-                             std::istreambuf_iterator<char>());
-  if (in.bad()) throw BootError("cannot read " + path);
+  uint64_t size = std::filesystem::file_size(path, ec);
+  if (!in || ec) throw BootError("cannot open " + path);
+  std::vector<uint8_t> bytes(size);
+  if (!in.read(reinterpret_cast<char*>(bytes.data()), size)) throw BootError("cannot read " + path);
   return bytes;
 }
 

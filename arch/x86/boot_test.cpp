@@ -243,6 +243,15 @@ TEST(LoadLinux, InitramfsTooLargeForRam) {
               testing::HasSubstr("initramfs of"));
 }
 
+TEST(LoadLinux, OutOfRangePrefAddressIsRefused) {
+  FakeKernel fake;
+  fake.relocatable = false;
+  fake.pref_address = UINT64_MAX - 0x1000;
+  auto mem = memory::GuestMemory::create_ram(64 * kMiB);
+  EXPECT_THAT(boot_error_of([&] { load_linux(mem, fake.build(), {}, "", 0); }),
+              testing::HasSubstr("out of range"));
+}
+
 TEST(LoadLinux, TinyGuestIsRefused) {
   for (uint64_t size : {uint64_t{0x8000}, uint64_t{1 * kMiB}, uint64_t{18 * kMiB}}) {
     auto mem = memory::GuestMemory::create_ram(size);

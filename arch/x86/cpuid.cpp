@@ -16,6 +16,7 @@ constexpr uint32_t kLeafTopology = 0xB;
 constexpr uint32_t kLeafTopologyV2 = 0x1F;
 constexpr uint32_t kLeafExtFeatures = 0x8000'0001;
 constexpr uint32_t kLeafAmdSizes = 0x8000'0008;
+constexpr uint32_t kLeafAmdCache = 0x8000'001D;
 constexpr uint32_t kLeafAmdTopology = 0x8000'001E;
 constexpr uint32_t kHypervisorLeavesFirst = 0x4000'0000;
 constexpr uint32_t kHypervisorLeavesLast = 0x4000'00FF;
@@ -87,6 +88,13 @@ void patch_cache_params(CpuidEntry& e, const VcpuTopology& topo) {
   e.eax = set_bits(e.eax, 14, 12, level >= 3 ? std::min(ids, 4096u) - 1 : 0);
 }
 
+// AMD 0x8000_001D has the same cache sharing field as Intel's leaf 4.
+void patch_amd_cache(CpuidEntry& e, const VcpuTopology& topo) {
+  if ((e.eax & 0x1F) == 0) return;
+  uint32_t level = (e.eax >> 5) & 0x7;
+  e.eax = set_bits(e.eax, 14, 12, level >= 3 ? std::min(topo.count, 4096u) - 1 : 0);
+}
+
 // AMD 0x8000_0008 ECX: NC (cores - 1) and ApicIdCoreIdSize (bits of APIC ID that number them).
 void patch_amd_sizes(CpuidEntry& e, const VcpuTopology& topo) {
   e.ecx = set_bits(e.ecx, 0, 8, topo.count - 1);
@@ -152,6 +160,8 @@ std::vector<CpuidEntry> build_vcpu_cpuid(std::span<const CpuidEntry> host,
       e.ecx = topology.count > 1 ? e.ecx | kExtEcxCmpLegacy : e.ecx & ~kExtEcxCmpLegacy;
     } else if (e.function == kLeafAmdSizes && vendor == Vendor::kAmd) {
       patch_amd_sizes(e, topology);
+    } else if (e.function == kLeafAmdCache && vendor == Vendor::kAmd) {
+      patch_amd_cache(e, topology);
     } else if (e.function == kLeafAmdTopology && vendor == Vendor::kAmd) {
       patch_amd_topology(e, topology);
     }

@@ -5,6 +5,9 @@
 // never sees a feature KVM cannot give it.
 //
 // Topology: N vCPUs are N cores of one package, one thread per core; vCPU i has APIC ID i.
+// It is described where each vendor looks: leaf 1 (APIC ID, count, HTT), leaves 0xB/0x1F
+// (x2APIC topology), Intel leaf 4 and AMD 0x8000_001D (which caches are shared), AMD
+// 0x8000_0008 (core count) and 0x8000_001E (core/node IDs). L1/L2 are per core, L3+ shared.
 #pragma once
 
 #include <cstdint>

@@ -46,6 +46,8 @@ std::vector<CpuidEntry> amd_host() {
       {0x80000000, 0, 0, 0x80000021, 0, 0, 0},
       {0x80000001, 0, 0, 0x00A50F00, 0, 0x75C237FF, 0x2FD3FBFF},
       {0x80000008, 0, 0, 0x3030, 0, 0x0001700F, 0},
+      {0x8000001D, 0, kSig, 0x00004121, 0x01C0003F, 0x3F, 0},    // L1d, shared by 2
+      {0x8000001D, 3, kSig, 0x0003C163, 0x03C0003F, 0x7FFF, 1},  // L3, shared by 16
       {0x8000001E, 0, 0, 0x0000000E, 0x00000107, 0x00000000, 0},
   };
 }
@@ -175,6 +177,9 @@ TEST(Cpuid, AmdTopology) {
     EXPECT_EQ(bits(ext.ebx, 8, 8), 0u) << "one thread per core";
     EXPECT_EQ(bits(ext.ecx, 0, 11), 0u) << "one node";
     EXPECT_NE(leaf(table, 0x80000001).ecx & 2, 0u) << "CmpLegacy";
+    EXPECT_EQ(bits(leaf(table, 0x8000001D, 0).eax, 14, 12), 0u) << "L1 private";
+    EXPECT_EQ(bits(leaf(table, 0x8000001D, 3).eax, 14, 12), 3u) << "L3 shared by 4";
+    EXPECT_EQ(bits(leaf(table, 0x8000001D, 3).eax, 0, 14), 0x0163u) << "cache kept";
     EXPECT_EQ(bits(leaf(table, 1).ebx, 24, 8), i);
   }
   auto single = build_vcpu_cpuid(host, {0, 1}, 0);
