@@ -1,5 +1,6 @@
 #include "devices/legacy/rtc.h"
 
+#include <algorithm>
 #include <chrono>
 #include <stdexcept>
 #include <utility>
@@ -8,8 +9,11 @@ namespace kiln::devices::legacy {
 namespace {
 
 constexpr uint8_t kSeconds = 0x00;
+constexpr uint8_t kSecondsAlarm = 0x01;
 constexpr uint8_t kMinutes = 0x02;
+constexpr uint8_t kMinutesAlarm = 0x03;
 constexpr uint8_t kHours = 0x04;
+constexpr uint8_t kHoursAlarm = 0x05;
 constexpr uint8_t kDayOfWeek = 0x06;
 constexpr uint8_t kDayOfMonth = 0x07;
 constexpr uint8_t kMonth = 0x08;
@@ -22,7 +26,12 @@ constexpr uint8_t kStatusD = 0x0d;
 constexpr uint8_t kStatusAUpdateInProgress = 0x80;
 constexpr uint8_t kStatusADefault = 0x26;  // 32.768 kHz time base, 1024 Hz periodic rate
 constexpr uint8_t kStatusBSet = 0x80;
+constexpr uint8_t kStatusBInterruptEnables = 0x70;  // PIE, AIE, UIE
 constexpr uint8_t kStatusBUpdateInterrupt = 0x10;
+constexpr uint8_t kStatusCInterruptRequest = 0x80;  // IRQF: an enabled flag is set
+constexpr uint8_t kStatusCAlarm = 0x20;
+constexpr uint8_t kStatusCUpdateEnded = 0x10;
+constexpr uint8_t kAlarmDontCare = 0xc0;  // alarm values 0xc0..0xff match any value
 constexpr uint8_t kStatusBBinary = 0x04;
 constexpr uint8_t kStatusB24Hour = 0x02;
 constexpr uint8_t kStatusBDefault = kStatusB24Hour;  // what PC firmware leaves: BCD, 24 hour
@@ -33,6 +42,9 @@ constexpr uint8_t kIndexMask = 0x7f;
 constexpr uint8_t kNmiDisable = 0x80;
 
 constexpr int64_t kSecondsPerDay = 86400;
+// Seconds of missed time to search for an alarm match after a long gap (a paused VM); older
+// matches are dropped, as they would be by a guest that only reads the latest flags anyway.
+constexpr int64_t kMaxAlarmCatchUp = 60;
 // Far beyond any date the registers can express (year 25599), small enough never to overflow.
 constexpr int64_t kMaxOffsetSeconds = int64_t{1} << 40;
 
@@ -111,10 +123,12 @@ int64_t Rtc::host_utc_clock() {
       .count();
 }
 
-Rtc::Rtc(Clock clock) : clock_(std::move(clock)) {
+Rtc::Rtc(Clock clock, std::shared_ptr<IrqLine> irq)
+    : clock_(std::move(clock)), irq_(std::move(irq)) {
   state_.cmos[kStatusA] = kStatusADefault;
   state_.cmos[kStatusB] = kStatusBDefault;
   state_.cmos[kStatusD] = kStatusDValidRam;
+  state_.last_checked = guest_time();
 }
 
 void Rtc::read(uint64_t offset, std::span<uint8_t> data) {
@@ -156,8 +170,12 @@ uint8_t Rtc::read_cmos(uint8_t index) {
     case kStatusA:
       return state_.cmos[kStatusA] & ~kStatusAUpdateInProgress;
     case kStatusC: {
+      raise_time_events();
       uint8_t flags = state_.cmos[kStatusC];
+      if (flags & state_.cmos[kStatusB] & kStatusBInterruptEnables)
+        flags |= kStatusCInterruptRequest;
       state_.cmos[kStatusC] = 0;  // reading C acknowledges the interrupt flags
+      update_irq();
       return flags;
     }
     case kStatusD:
@@ -211,6 +229,7 @@ void Rtc::write_status_b(uint8_t value) {
   } else {
     state_.cmos[kStatusB] = value;
   }
+  update_irq();  // enabling an interrupt whose flag is already set raises it
 }
 
 bool Rtc::updates_halted() const { return state_.cmos[kStatusB] & kStatusBSet; }
@@ -245,6 +264,46 @@ void Rtc::start_from_time_registers() {
                           format.decode_hour(cmos[kHours]) * 3600 +
                           format.decode(cmos[kMinutes]) * 60 + format.decode(cmos[kSeconds]);
   state_.offset_seconds = seconds - clock_();
+  state_.last_checked = seconds;  // a new time is not a run of passed seconds
+}
+
+void Rtc::poll() {
+  std::lock_guard lock(mutex_);
+  raise_time_events();
+  update_irq();
+}
+
+void Rtc::raise_time_events() {
+  if (updates_halted()) return;  // SET stops the update cycle
+  const int64_t now = guest_time();
+  if (now <= state_.last_checked) return;
+  state_.cmos[kStatusC] |= kStatusCUpdateEnded;
+  // The alarm is compared against each second the clock entered, in the current format.
+  const int64_t resume = state_.offset_seconds;
+  for (int64_t second = std::max(state_.last_checked + 1, now - kMaxAlarmCatchUp + 1);
+       second <= now; ++second) {
+    state_.offset_seconds = resume - (now - second);
+    freeze_time_registers();
+    if (alarm_matches()) state_.cmos[kStatusC] |= kStatusCAlarm;
+  }
+  state_.offset_seconds = resume;
+  state_.last_checked = now;
+}
+
+bool Rtc::alarm_matches() {
+  const auto& cmos = state_.cmos;
+  auto field_matches = [&](uint8_t alarm, uint8_t field) {
+    return (cmos[alarm] & kAlarmDontCare) == kAlarmDontCare || cmos[alarm] == cmos[field];
+  };
+  return field_matches(kSecondsAlarm, kSeconds) && field_matches(kMinutesAlarm, kMinutes) &&
+         field_matches(kHoursAlarm, kHours);
+}
+
+void Rtc::update_irq(bool force) {
+  const bool level = state_.cmos[kStatusC] & state_.cmos[kStatusB] & kStatusBInterruptEnables;
+  if (level == irq_level_ && !force) return;
+  irq_level_ = level;
+  if (irq_) irq_->set_level(level);
 }
 
 Rtc::State Rtc::save() const {
@@ -256,9 +315,12 @@ void Rtc::restore(const State& state) {
   if (state.version != State::kVersion) throw std::invalid_argument("rtc: unknown state version");
   if (state.offset_seconds > kMaxOffsetSeconds || state.offset_seconds < -kMaxOffsetSeconds)
     throw std::invalid_argument("rtc: time offset out of range");
+  if (state.last_checked > 2 * kMaxOffsetSeconds || state.last_checked < -2 * kMaxOffsetSeconds)
+    throw std::invalid_argument("rtc: last event check out of range");
   std::lock_guard lock(mutex_);
   state_ = state;
   state_.index &= kIndexMask;
+  update_irq(/*force=*/true);
 }
 
 }  // namespace kiln::devices::legacy

@@ -8,20 +8,26 @@
 //
 // Status A never shows an update in progress (UIP), so readers that wait for it never stall; the
 // update cycle is instantaneous here. Status D always reports valid RAM and time (VRT).
-// Periodic, alarm and update-ended interrupts are not implemented: the PIE/AIE/UIE bits are
-// stored but status C never reports a flag.
+// Update-ended and alarm interrupts (status C UF/AF, IRQ 8 when enabled in status B) happen when
+// the clock is observed to pass a second boundary: on every status C read, so polling guests see
+// them, and on poll(), which the VMM calls from a host timer (every ~100 ms keeps them timely)
+// when the IRQ is wired. The periodic interrupt (PIE/PF) is not implemented: it needs sub-second
+// timing; its rate bits are stored and PF never sets.
 //
 // The century lives at CMOS index 0x32 (kCenturyRegister): the FADT's CENTURY field must name it.
 //
-// Thread safety: read/write/save/restore lock; the clock is called with the lock held.
+// Thread safety: every entry point locks; the clock and the IrqLine are called with the lock held
+// (the IrqLine must not call back into this device).
 #pragma once
 
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 
 #include "devices/bus.h"
+#include "devices/irq.h"
 
 namespace kiln::devices::legacy {
 
@@ -43,15 +49,20 @@ class Rtc : public BusDevice {
     uint8_t index = 0;
     bool nmi_disabled = false;
     int64_t offset_seconds = 0;  // guest time minus the clock
+    int64_t last_checked = 0;    // guest time up to which update/alarm events were raised
   };
 
-  explicit Rtc(Clock clock = host_utc_clock);
+  // `irq` (ISA IRQ 8) may be null.
+  explicit Rtc(Clock clock = host_utc_clock, std::shared_ptr<IrqLine> irq = nullptr);
 
   void read(uint64_t offset, std::span<uint8_t> data) override;
   void write(uint64_t offset, std::span<const uint8_t> data) override;
 
   // Whether the guest masked NMIs through bit 7 of port 0x70 (for the VMM to honour if it wants).
   bool nmi_disabled() const;
+
+  // Raises the update-ended and alarm events for seconds that passed since the last check.
+  void poll();
 
   State save() const;
   // Throws std::invalid_argument for an unknown version or an absurd time offset.
@@ -67,10 +78,16 @@ class Rtc : public BusDevice {
   void freeze_time_registers();
   // Restarts the clock from the time registers.
   void start_from_time_registers();
+  // Sets UF, and AF when the alarm matches, for the seconds passed since state_.last_checked.
+  void raise_time_events();
+  bool alarm_matches();
+  void update_irq(bool force = false);
 
   mutable std::mutex mutex_;
   State state_;
   const Clock clock_;
+  const std::shared_ptr<IrqLine> irq_;
+  bool irq_level_ = false;
 };
 
 }  // namespace kiln::devices::legacy

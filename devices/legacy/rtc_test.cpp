@@ -4,6 +4,8 @@
 
 #include <memory>
 
+#include "devices/legacy/fake_irq_for_test.h"
+
 namespace kiln::devices::legacy {
 namespace {
 
@@ -35,7 +37,8 @@ class RtcTest : public ::testing::Test {
   }
 
   int64_t now = kLeapDay2024;
-  std::shared_ptr<Rtc> rtc = std::make_shared<Rtc>([this] { return now; });
+  std::shared_ptr<FakeIrq> irq = std::make_shared<FakeIrq>();
+  std::shared_ptr<Rtc> rtc = std::make_shared<Rtc>([this] { return now; }, irq);
   Bus bus;
 };
 
@@ -184,6 +187,71 @@ TEST_F(RtcTest, CmosRamAndNmiMask) {
   EXPECT_FALSE(rtc->nmi_disabled());
 }
 
+TEST_F(RtcTest, UpdateEndedInterruptEachSecond) {
+  set_cmos(kB, 0x12);  // UIE, 24 hour
+  rtc->poll();
+  EXPECT_FALSE(irq->level);  // no second has passed
+  now += 1;
+  rtc->poll();
+  EXPECT_TRUE(irq->level);
+  EXPECT_EQ(cmos(kC), 0x90);  // IRQF and UF; reading acknowledges
+  EXPECT_FALSE(irq->level);
+  EXPECT_EQ(cmos(kC), 0x00);
+  now += 1;
+  EXPECT_EQ(cmos(kC), 0x90);  // a polling guest sees the flag without poll()
+}
+
+TEST_F(RtcTest, FlagsWithoutEnablesDoNotInterruptUntilEnabled) {
+  now += 1;
+  rtc->poll();
+  EXPECT_FALSE(irq->level);
+  set_cmos(kB, 0x12);  // enabling UIE with UF already set raises the line
+  EXPECT_TRUE(irq->level);
+  set_cmos(kB, 0x02);
+  EXPECT_FALSE(irq->level);
+  EXPECT_EQ(cmos(kC), 0x10);  // UF without IRQF
+}
+
+TEST_F(RtcTest, SetBitStopsUpdateEvents) {
+  set_cmos(kB, 0x92);  // SET clears UIE
+  EXPECT_EQ(cmos(kB), 0x82);
+  now += 5;
+  rtc->poll();
+  EXPECT_EQ(cmos(kC), 0x00);
+}
+
+TEST_F(RtcTest, AlarmInterruptAtTheMatchingSecond) {
+  set_cmos(0x05, 0x13);  // alarm 13:45:35
+  set_cmos(0x03, 0x45);
+  set_cmos(0x01, 0x35);
+  set_cmos(kB, 0x22);  // AIE, 24 hour
+  now += 4;
+  rtc->poll();
+  EXPECT_FALSE(irq->level);
+  EXPECT_EQ(cmos(kC), 0x10);  // UF only, not enabled
+  now += 1;
+  rtc->poll();
+  EXPECT_TRUE(irq->level);
+  EXPECT_EQ(cmos(kC), 0xb0);  // IRQF, AF, UF
+  EXPECT_FALSE(irq->level);
+  now += 1;
+  rtc->poll();
+  EXPECT_FALSE(irq->level);
+}
+
+TEST_F(RtcTest, DontCareAlarmMatchesEveryMinuteEvenAcrossAGap) {
+  set_cmos(0x05, 0xc0);
+  set_cmos(0x03, 0xff);
+  set_cmos(0x01, 0x00);  // at second 0 of every minute
+  set_cmos(kB, 0x22);
+  now += 29;  // 13:45:59
+  rtc->poll();
+  EXPECT_FALSE(irq->level);
+  now += 40;  // 13:46:39, passing 13:46:00 between polls
+  rtc->poll();
+  EXPECT_TRUE(irq->level);
+}
+
 TEST_F(RtcTest, SaveRestoreRoundTrip) {
   set_cmos(0x40, 0xab);
   set_cmos(kB, 0x82);
@@ -192,8 +260,12 @@ TEST_F(RtcTest, SaveRestoreRoundTrip) {
   cmos(0x40);          // leave index 0x40 selected
   Rtc::State saved = rtc->save();
 
-  Rtc copy([this] { return now + 5; });
+  auto copy_irq = std::make_shared<FakeIrq>();
+  Rtc copy([this] { return now + 5; }, copy_irq);
   copy.restore(saved);
+  EXPECT_FALSE(copy_irq->level);
+  copy.poll();                    // five seconds passed for the copy
+  EXPECT_FALSE(copy_irq->level);  // UIE is off
   Bus bus2;
   auto shared = std::shared_ptr<Rtc>(&copy, [](Rtc*) {});
   bus2.insert(shared, Rtc::kBase, Rtc::kLength);
@@ -214,6 +286,16 @@ TEST_F(RtcTest, SaveRestoreRoundTrip) {
   saved.version = Rtc::State::kVersion;
   saved.offset_seconds = INT64_MAX;
   EXPECT_THROW(copy.restore(saved), std::invalid_argument);
+}
+
+TEST_F(RtcTest, RestoreRedrivesAPendingInterrupt) {
+  set_cmos(kB, 0x12);
+  now += 1;
+  rtc->poll();
+  auto copy_irq = std::make_shared<FakeIrq>();
+  Rtc copy([this] { return now; }, copy_irq);
+  copy.restore(rtc->save());
+  EXPECT_TRUE(copy_irq->level);
 }
 
 TEST(RtcHostClock, DefaultClockIsTheHostWallClock) {
