@@ -279,6 +279,18 @@ void Vm::remove_ioeventfd(int eventfd, uint64_t address, uint32_t len, bool pio)
   checked_ioctl(fd_.get(), KVM_IOEVENTFD, &io, "KVM_IOEVENTFD (deassign)");
 }
 
+uint64_t Vm::get_clock() const {
+  kvm_clock_data data{};
+  checked_ioctl(fd_.get(), KVM_GET_CLOCK, &data, "KVM_GET_CLOCK");
+  return data.clock;
+}
+
+void Vm::set_clock(uint64_t ns) {
+  kvm_clock_data data{};
+  data.clock = ns;
+  checked_ioctl(fd_.get(), KVM_SET_CLOCK, &data, "KVM_SET_CLOCK");
+}
+
 std::vector<uint64_t> Vm::take_dirty_log(uint32_t slot, uint64_t size) {
   std::vector<uint64_t> bitmap((size / 4096 + 63) / 64);
   kvm_dirty_log log{};

@@ -127,6 +127,10 @@ class Vm {
   // Writes of `len` bytes at `address` (MMIO, or port I/O if `pio`) signal `eventfd` in the kernel.
   void add_ioeventfd(int eventfd, uint64_t address, uint32_t len, bool pio);
   void remove_ioeventfd(int eventfd, uint64_t address, uint32_t len, bool pio);
+  // The guest's kvmclock base (ns). Saved at pause and restored at resume, it keeps the guest's
+  // clock from jumping over the time the VM was stopped, as QEMU does.
+  uint64_t get_clock() const;
+  void set_clock(uint64_t ns);
   // Returns and clears the dirty bitmap of a slot mapped with log_dirty.
   std::vector<uint64_t> take_dirty_log(uint32_t slot, uint64_t size);
 

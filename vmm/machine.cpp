@@ -1,6 +1,7 @@
 #include "vmm/machine.h"
 
 #include <pthread.h>
+#include <unistd.h>
 #include <signal.h>
 
 #include <fmt/format.h>
@@ -94,6 +95,8 @@ struct Machine::Impl {
   bool paused = false;
   std::atomic<bool> stopping{false};
   std::atomic<int> paused_vcpus{0};
+  std::vector<std::atomic<int>> thread_ids;
+  uint64_t paused_clock = 0;
 
   Impl(const VmConfig& c, ConsoleIo io) : config(c), console(std::move(io)), kvm(hv::Kvm::open(c.kvm_device)) {}
 
@@ -176,6 +179,7 @@ void Machine::Impl::create_vcpus(const x86::LoadedKernel& kernel) {
     if (i == 0) vcpu->set_boot_state(kernel.cpu);
     vcpus.push_back(std::move(vcpu));
   }
+  thread_ids = std::vector<std::atomic<int>>(vcpus.size());
 }
 
 void Machine::Impl::build() {
@@ -247,10 +251,11 @@ void Machine::Impl::wait_while_paused() {
 
 void Machine::Impl::vcpu_loop(hv::Vcpu& vcpu) {
   pthread_setname_np(pthread_self(), fmt::format("vcpu{}", vcpu.index()).c_str());
+  thread_ids[vcpu.index()] = int(gettid());
   try {
     while (!stopping.load()) {
-      if (!handle_exit(vcpu, vcpu.run())) break;
-      wait_while_paused();
+      wait_while_paused();  // also before the first entry: a VM can be paused before it runs
+      if (stopping.load() || !handle_exit(vcpu, vcpu.run())) break;
     }
   } catch (const std::exception& e) {
     post_stop({StopReason::kFatal, 0, fmt::format("vcpu{}: {}", vcpu.index(), e.what())});
@@ -316,16 +321,25 @@ void Machine::pause() {
   impl_->kick_all();
   lock.lock();
   impl_->changed.wait(lock, [this] {
-    return impl_->stopping.load() || impl_->paused_vcpus.load() == int(impl_->threads.size());
+    return impl_->stopping.load() || impl_->paused_vcpus.load() == int(impl_->vcpus.size());
   });
+  impl_->paused_clock = impl_->vm->get_clock();
 }
 
 void Machine::resume() {
   {
     std::lock_guard lock(impl_->mutex);
+    if (!impl_->paused) return;
+    impl_->vm->set_clock(impl_->paused_clock);
     impl_->paused = false;
   }
   impl_->changed.notify_all();
+}
+
+std::vector<int> Machine::vcpu_thread_ids() const {
+  std::vector<int> ids;
+  for (const auto& id : impl_->thread_ids) ids.push_back(id.load());
+  return ids;
 }
 
 bool Machine::paused() const {

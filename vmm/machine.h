@@ -26,10 +26,14 @@ enum class StopReason {
   kFatal,      // triple fault or KVM internal error: message has the registers
 };
 
+// Who asked for the stop: QMP's SHUTDOWN/RESET events report it.
+enum class StopOrigin { kGuest, kHostQmp, kHostSignal, kHostUi, kHostError };
+
 struct StopEvent {
   StopReason reason = StopReason::kPowerOff;
   int code = 0;  // kDebugExit: the byte the guest wrote
   std::string message;
+  StopOrigin origin = StopOrigin::kGuest;
 };
 
 // Where the serial console goes; owned by the caller so it survives a reboot.
@@ -50,9 +54,13 @@ class Machine {
   // Thread-safe controls (signal handler threads, QMP).
   void press_power_button();
   void request_stop(StopEvent event);
+  // pause() returns once every vCPU is out of KVM_RUN; the guest's clock stands still until
+  // resume(), as under QEMU's stop/cont.
   void pause();
   void resume();
   bool paused() const;
+  // Host thread IDs of the vCPU threads (index order); 0 for one not started yet.
+  std::vector<int> vcpu_thread_ids() const;
   // Host console input for the serial port (stdin reader thread).
   bool send_console_input(std::span<const uint8_t> bytes);
 
