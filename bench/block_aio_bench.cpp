@@ -38,7 +38,6 @@ const std::string& image_path() {
     }
     ::fsync(fd);
     ::close(fd);
-    std::atexit([] { ::unlink(image_path().c_str()); });
     return file;
   }();
   return path;
@@ -128,4 +127,11 @@ BENCHMARK_CAPTURE(random_reads, ThreadsCached, AioEngine::kThreads, CacheMode::k
 }  // namespace
 }  // namespace kiln::block
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  ::unlink(kiln::block::image_path().c_str());
+  return 0;
+}

@@ -124,13 +124,19 @@ class UringEngine final : public IoEngine {
     arm_wake();
     for (;;) {
       admit_incoming();
-      io_uring_submit(&ring_);
       if (stopping_and_idle()) {
         if (!wake_armed_) return;
         wake_owner();  // completes the armed read, so no read into wake_value_ outlives us
       }
-      io_uring_cqe* cqe = nullptr;
-      if (io_uring_wait_cqe(&ring_, &cqe) < 0) continue;  // -EINTR
+      // One system call submits everything prepared and sleeps until something completes.
+      io_uring_submit_and_wait(&ring_, 1);
+      reap_available();
+    }
+  }
+
+  void reap_available() {
+    io_uring_cqe* cqe = nullptr;
+    while (io_uring_peek_cqe(&ring_, &cqe) == 0) {
       const uint64_t tag = io_uring_cqe_get_data64(cqe);
       const int result = cqe->res;
       io_uring_cqe_seen(&ring_, cqe);
