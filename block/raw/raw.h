@@ -53,7 +53,9 @@ class RawBlockDevice : public BlockDevice {
 // threads, never inside the submitting call. Under CacheMode::kNone every request is accepted:
 // those not meeting alignment() go through a bounce buffer (read-modify-write for writes, kept
 // in order with overlapping writes). Requests beyond size() complete with -EINVAL; writes to a
-// read-only device with -EROFS. drain() must not be called from a completion.
+// read-only device with -EROFS. drain() must not be called from a completion. Under O_DIRECT a
+// file whose size is not a multiple of alignment() may grow (with zeros) to the next multiple
+// when its last block is written; size() does not change.
 std::unique_ptr<BlockDevice> open_raw(const std::string& path, const RawOptions& options = {});
 std::unique_ptr<RawBlockDevice> open_raw_device(const std::string& path,
                                                 const RawOptions& options = {});

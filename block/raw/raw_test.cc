@@ -86,6 +86,30 @@ TEST_P(RawDeviceTest, MultiIovecRoundTrip) {
   for (size_t i = 0; i < on_disk.size(); ++i) ASSERT_EQ(on_disk[i], pattern(i)) << i;
 }
 
+// The kernel takes at most IOV_MAX (1024) vectors per call; longer lists go in several calls.
+TEST_P(RawDeviceTest, MoreVectorsThanTheKernelTakesAtOnce) {
+  constexpr size_t kVectors = 2500;
+  constexpr size_t kPiece = 512;
+  ScratchFile file(kVectors * kPiece);
+  auto device = open(file);
+  AlignedBytes out(kVectors * kPiece), in(kVectors * kPiece, 0xEE);
+  std::vector<iovec> out_iov, in_iov;
+  for (size_t i = 0; i < kVectors; ++i) {
+    std::memset(out.data() + i * kPiece, static_cast<int>(i % 253), kPiece);
+    // Scattered: piece i of the disk lives at slot (i * 7) % kVectors of the buffer.
+    const size_t slot = (i * 7) % kVectors;
+    out_iov.push_back({out.data() + slot * kPiece, kPiece});
+    in_iov.push_back({in.data() + slot * kPiece, kPiece});
+  }
+  ASSERT_EQ(testing::write_sync(*device, 0, out_iov), 0);
+  ASSERT_EQ(testing::read_sync(*device, 0, in_iov), 0);
+  EXPECT_EQ(0, std::memcmp(in.data(), out.data(), kVectors * kPiece));
+  const auto on_disk = file.contents(0, kVectors * kPiece);
+  for (size_t i = 0; i < kVectors; ++i) {
+    ASSERT_EQ(on_disk[i * kPiece], (i * 7) % kVectors % 253) << "piece " << i;
+  }
+}
+
 TEST_P(RawDeviceTest, ManyConcurrentRequestsFromFourThreads) {
   constexpr int kThreads = 4;
   constexpr int kPerThread = 64;  // 256 in flight against a queue depth of 32
