@@ -63,6 +63,43 @@ UniqueFd QmpServer::listen_unix(const std::string& path) {
   return fd;
 }
 
+UniqueFd QmpServer::open_endpoint(std::string_view spec) {
+  constexpr std::string_view kUnix = "unix:";
+  if (!spec.starts_with(kUnix)) {
+    throw std::invalid_argument("QMP endpoint must be unix:PATH[,server=on]: " + std::string(spec));
+  }
+  spec.remove_prefix(kUnix.size());
+  size_t comma = spec.find(',');
+  std::string path(spec.substr(0, comma));
+  bool server = false;
+  while (comma != std::string_view::npos) {
+    spec.remove_prefix(comma + 1);
+    comma = spec.find(',');
+    std::string_view option = spec.substr(0, comma);
+    if (option == "server" || option == "server=on") {
+      server = true;
+    } else if (option == "server=off" || option == "wait=off") {
+      // the default
+    } else {
+      throw std::invalid_argument("unsupported QMP endpoint option: " + std::string(option));
+    }
+  }
+  if (server) return listen_unix(path);
+
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
+    throw std::invalid_argument("QMP socket path is empty or too long: " + path);
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  UniqueFd fd(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) throw_errno("socket(AF_UNIX)");
+  if (connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
+    throw_errno("connect " + path);
+  }
+  return fd;
+}
+
 QmpServer::QmpServer(VmControl& vm, UniqueFd socket, QmpServerOptions options)
     : vm_(vm), options_(options) {
   if (!socket) throw std::invalid_argument("QMP server needs a socket");

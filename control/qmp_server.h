@@ -44,6 +44,12 @@ class QmpServer {
   // any other kind of file there is an error (std::system_error / std::invalid_argument).
   static UniqueFd listen_unix(const std::string& path);
 
+  // Opens the socket for a `--qmp` value in QEMU's chardev syntax, unix only:
+  //   "unix:PATH,server[=on][,wait=off]"  listen at PATH (stale socket replaced)
+  //   "unix:PATH"                         connect to a listener at PATH (client mode)
+  // kiln never waits for the first client before booting, so "wait=on" is refused.
+  static UniqueFd open_endpoint(std::string_view spec);
+
   // socket: a listening stream socket (clients are accepted from it) or an already connected
   // stream socket (served as the only client), e.g. from --qmp-fd N. Takes ownership.
   QmpServer(VmControl& vm, UniqueFd socket, QmpServerOptions options = {});

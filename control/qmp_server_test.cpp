@@ -120,6 +120,38 @@ TEST_F(QmpServerTest, ListeningFdFromOutside) {
   EXPECT_EQ(client->execute("query-kvm")["return"]["present"], true);
 }
 
+TEST_F(QmpServerTest, EndpointSpecServerMode) {
+  server_ = std::make_unique<QmpServer>(
+      vm_, QmpServer::open_endpoint("unix:" + path_ + ",server=on,wait=off"));
+  server_->start();
+  auto client = connect();
+  EXPECT_EQ(client->execute("query-uuid")["return"]["UUID"],
+            "12345678-1234-1234-1234-123456789abc");
+}
+
+TEST_F(QmpServerTest, EndpointSpecClientModeConnectsOut) {
+  UniqueFd listener = QmpServer::listen_unix(path_);
+  server_ = std::make_unique<QmpServer>(vm_, QmpServer::open_endpoint("unix:" + path_));
+  server_->start();
+  UniqueFd accepted(accept(listener.get(), nullptr, nullptr));
+  if (!accepted) {
+    pollfd pfd{listener.get(), POLLIN, 0};
+    poll(&pfd, 1, 5000);
+    accepted = UniqueFd(accept(listener.get(), nullptr, nullptr));
+  }
+  ASSERT_TRUE(accepted);
+  QmpTestClient client(std::move(accepted));
+  ASSERT_TRUE(client.read_message());
+  EXPECT_EQ(client.execute("qmp_capabilities"), json({{"return", json::object()}}));
+}
+
+TEST_F(QmpServerTest, EndpointSpecErrors) {
+  EXPECT_THROW(QmpServer::open_endpoint("tcp:localhost:4444"), std::invalid_argument);
+  EXPECT_THROW(QmpServer::open_endpoint("unix:" + path_ + ",server,wait=on"),
+               std::invalid_argument);
+  EXPECT_THROW(QmpServer::open_endpoint("unix:" + path_), std::system_error);  // nobody listens
+}
+
 TEST_F(QmpServerTest, RejectsDatagramSockets) {
   int pair[2];
   ASSERT_EQ(socketpair(AF_UNIX, SOCK_DGRAM, 0, pair), 0);
