@@ -137,6 +137,7 @@ void QmpServer::stop() {
 }
 
 void QmpServer::emit_event(std::string_view name, nlohmann::json data) {
+  if (stopping_) return;  // nobody will deliver it; do not let the queue grow
   std::string line = serialize_message(make_event(name, data, std::chrono::system_clock::now()));
   {
     std::lock_guard lock(events_mutex_);

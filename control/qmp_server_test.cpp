@@ -317,10 +317,11 @@ TEST_F(QmpServerTest, SlowClientIsDroppedWithoutStallingOthers) {
     server_->emit_event("BULK", payload);
     auto start_time = std::chrono::steady_clock::now();
     fast->send(json{{"execute", "query-status"}, {"id", round}});
-    auto reply = fast->read_reply(2000);
+    auto reply = fast->read_reply(5000);
     ASSERT_TRUE(reply) << "fast client stalled in round " << round;
     EXPECT_EQ((*reply)["id"], round);
-    EXPECT_LT(std::chrono::steady_clock::now() - start_time, 1s);
+    // Generous for a loaded 2-core machine; a server blocked on the slow client never answers.
+    EXPECT_LT(std::chrono::steady_clock::now() - start_time, 3s);
     fast->events().clear();
     dropped = server_->client_count() == 1;
   }
