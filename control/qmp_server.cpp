@@ -235,7 +235,13 @@ void QmpServer::handle_item(Client& client, const JsonStreamSplitter::Item& item
   // orders them.
   deliver_events();
   queue(client, reply.message);
-  if (reply.quit_after_send) vm_.quit();
+  if (reply.quit_after_send) {
+    try {
+      vm_.quit();
+    } catch (const std::exception&) {
+      // The client already has its {"return": {}}; nothing left to tell it.
+    }
+  }
 }
 
 void QmpServer::queue(Client& client, const nlohmann::json& message) {

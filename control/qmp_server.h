@@ -57,7 +57,8 @@ class QmpServer {
   QmpServer(const QmpServer&) = delete;
   QmpServer& operator=(const QmpServer&) = delete;
 
-  // Starts the server thread. Greetings go out from here on.
+  // Starts the server thread. (An inherited connected socket already got its greeting from the
+  // constructor; nothing is read before start().)
   void start();
   // Stops the thread and closes every connection. Safe to call twice, and from VmControl methods
   // (then it only asks the loop to end; the destructor joins).
