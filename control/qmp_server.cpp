@@ -178,6 +178,10 @@ void QmpServer::run() {
     if (fds[1].revents & POLLIN) accept_clients();
     remove_closed_clients();
   }
+  // Events emitted before stop() (a VM's last SHUTDOWN) still reach the clients: one last
+  // non-blocking flush, so a client that does not read cannot hold the VMM's exit.
+  deliver_events();
+  for (const auto& client : clients_) flush(*client);
   clients_.clear();
   client_count_ = 0;
 }

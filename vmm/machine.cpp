@@ -347,6 +347,11 @@ bool Machine::paused() const {
   return impl_->paused;
 }
 
+std::vector<control::BlockInfo> Machine::block_info() const {
+  std::vector<control::BlockInfo> blocks;
+  return blocks;
+}
+
 bool Machine::send_console_input(std::span<const uint8_t> bytes) {
   return impl_->serial->enqueue_input(bytes);
 }

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "control/vm_control.h"
 #include "vmm/config.h"
 
 namespace kiln::vmm {
@@ -61,6 +62,8 @@ class Machine {
   bool paused() const;
   // Host thread IDs of the vCPU threads (index order); 0 for one not started yet.
   std::vector<int> vcpu_thread_ids() const;
+  // The disks the guest sees, for QMP's query-block.
+  std::vector<control::BlockInfo> block_info() const;
   // Host console input for the serial port (stdin reader thread).
   bool send_console_input(std::span<const uint8_t> bytes);
 

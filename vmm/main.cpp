@@ -10,13 +10,17 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <mutex>
+#include <atomic>
+#include <functional>
+#include <memory>
 #include <thread>
 
+#include "control/qmp_server.h"
 #include "hv/kvm.h"
 #include "vmm/config.h"
 #include "vmm/console.h"
 #include "vmm/machine.h"
+#include "vmm/vm_controller.h"
 
 namespace kiln::vmm {
 namespace {
@@ -26,14 +30,11 @@ constexpr int kExitUsage = 2;
 constexpr int kExitGuestCrash = 3;
 constexpr auto kShutdownGrace = std::chrono::seconds(30);
 
-// The machine currently running, for the signal and console threads (it changes on reboot).
-std::mutex g_machine_mutex;
-Machine* g_machine = nullptr;
+// The VM's controller, for the signal thread (set once run_vm has built it).
+std::atomic<VmController*> g_controller{nullptr};
 
-template <class F>
-void with_machine(F&& f) {
-  std::lock_guard lock(g_machine_mutex);
-  if (g_machine) f(*g_machine);
+void with_machine(const std::function<void(Machine&)>& f) {
+  if (VmController* controller = g_controller.load()) controller->with_machine(f);
 }
 
 // SIGTERM/SIGINT/SIGHUP press the ACPI power button; if the guest is not down after the grace
@@ -50,11 +51,14 @@ void handle_signals(sigset_t set) {
         std::this_thread::sleep_for(kShutdownGrace);
         with_machine([](Machine& m) {
           m.request_stop({StopReason::kQuit, kExitHostError,
-                          "the guest did not power off in time; stopped it"});
+                          "the guest did not power off in time; stopped it",
+                          StopOrigin::kHostSignal});
         });
       }).detach();
     } else {
-      with_machine([](Machine& m) { m.request_stop({StopReason::kQuit, 0, "stopped by signal"}); });
+      with_machine([](Machine& m) {
+        m.request_stop({StopReason::kQuit, 0, "stopped by signal", StopOrigin::kHostSignal});
+      });
     }
   }
 }
@@ -74,26 +78,45 @@ void set_process_title(const std::string& name) {
   prctl(PR_SET_NAME, title.substr(0, 15).c_str());
 }
 
-// Runs machines until one ends for good; returns the exit status.
-int run_vm(const VmConfig& config) {
+std::unique_ptr<control::QmpServer> start_qmp(const VmConfig& config, VmController& controller) {
+  UniqueFd socket;
+  try {
+    if (!config.qmp.empty())
+      socket = control::QmpServer::open_endpoint(config.qmp);
+    else if (config.qmp_fd >= 0)
+      socket = UniqueFd(config.qmp_fd);
+    else
+      return nullptr;
+  } catch (const std::exception& e) {
+    throw ConfigError(fmt::format("--qmp: {}", e.what()));
+  }
+  auto server = std::make_unique<control::QmpServer>(controller, std::move(socket));
+  controller.set_event_sink([s = server.get()](std::string_view name, nlohmann::json data) {
+    s->emit_event(name, std::move(data));
+  });
+  server->start();
+  return server;
+}
+
+// Builds and runs machines (a guest reset builds a fresh one) until one ends for good.
+int run_machines(const VmConfig& config, VmController& controller) {
   auto console = open_console(config.serial);
   console->start(
-      [](std::span<const uint8_t> bytes) {
-        with_machine([&](Machine& m) { m.send_console_input(bytes); });
+      [&controller](std::span<const uint8_t> bytes) {
+        controller.with_machine([&](Machine& m) { m.send_console_input(bytes); });
       },
-      [] { with_machine([](Machine& m) { m.request_stop({StopReason::kQuit, 0, "quit from console"}); }); });
+      [&controller] {
+        controller.with_machine([](Machine& m) {
+          m.request_stop({StopReason::kQuit, 0, "quit from console", StopOrigin::kHostUi});
+        });
+      });
   ConsoleIo io{[&console](std::span<const uint8_t> bytes) { console->write(bytes); }};
   for (;;) {
     Machine machine(config, io);
-    {
-      std::lock_guard lock(g_machine_mutex);
-      g_machine = &machine;
-    }
+    controller.attach(&machine);
     StopEvent event = machine.run();
-    {
-      std::lock_guard lock(g_machine_mutex);
-      g_machine = nullptr;
-    }
+    controller.attach(nullptr);
+    controller.machine_stopped(event);
     switch (event.reason) {
       case StopReason::kPowerOff:
         return 0;
@@ -111,6 +134,16 @@ int run_vm(const VmConfig& config) {
         return kExitGuestCrash;
     }
   }
+}
+
+int run_vm(const VmConfig& config) {
+  VmController controller(config);
+  auto qmp = start_qmp(config, controller);
+  g_controller = &controller;
+  int status = run_machines(config, controller);
+  g_controller = nullptr;
+  if (qmp) qmp->stop();  // delivers the SHUTDOWN event still queued
+  return status;
 }
 
 }  // namespace

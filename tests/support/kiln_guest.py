@@ -79,6 +79,8 @@ class Run:
                                  + self.console()[-4000:])
         self._out.join(5)
         self._err.join(5)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
         return rc
 
     def signal(self, sig=signal.SIGTERM):
@@ -90,6 +92,10 @@ class Run:
         except ProcessLookupError:
             pass
         self.proc.wait()
+        self._out.join(5)
+        self._err.join(5)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
 
     def console(self):
         with self._cond:
