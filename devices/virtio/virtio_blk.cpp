@@ -45,12 +45,15 @@ bool aligned(const std::vector<iovec>& iov, uint32_t alignment) {
 
 // One request in flight; shared by the completion callback so it lives until completion.
 struct VirtioBlock::Request {
-  Request(const DescriptorChain& chain, uint16_t queue, uint64_t generation)
-      : queue(queue),
+  Request(const DescriptorChain& chain, const memory::GuestMemory& memory, uint16_t queue,
+          uint64_t generation)
+      : memory(memory),
+        queue(queue),
         head(chain.head),
         generation(generation),
         in(chain, false),
         out(chain, true) {}
+  const memory::GuestMemory& memory;
   uint16_t queue;
   uint16_t head;
   uint64_t generation;
@@ -147,7 +150,7 @@ bool VirtioBlock::in_capacity(uint64_t sector, uint64_t bytes) const {
 }
 
 void VirtioBlock::handle_chain(uint16_t queue, DescriptorChain chain, uint64_t generation) {
-  auto request = std::make_shared<Request>(chain, queue, generation);
+  auto request = std::make_shared<Request>(chain, *activation_.memory, queue, generation);
   if (request->out.size() == 0) {
     // Nowhere to put a status byte: the chain goes back untouched.
     metrics_.malformed++;
@@ -177,7 +180,7 @@ void VirtioBlock::handle_chain(uint16_t queue, DescriptorChain chain, uint64_t g
       uint8_t id[kBlkIdBytes] = {};
       std::memcpy(id, config_.serial.data(), std::min<size_t>(config_.serial.size(), kBlkIdBytes));
       uint32_t length = uint32_t(std::min<uint64_t>(kBlkIdBytes, request->out.size() - 1));
-      request->out.write(*activation_.memory, 0, std::span<const uint8_t>(id, length));
+      request->out.write(request->memory, 0, std::span<const uint8_t>(id, length));
       return finish(request, kBlkStatusOk, length);
     }
     case kBlkTypeDiscard:
@@ -206,7 +209,7 @@ void VirtioBlock::submit_read(const std::shared_ptr<Request>& request, uint64_t 
     iovec bounce{request->bounce->data, length};
     disk_->read(sector * kBlkSectorSize, {&bounce, 1}, [this, request, length](int result) {
       if (result == 0)
-        request->out.write(*activation_.memory, 0, {request->bounce->data, size_t(length)});
+        request->out.write(request->memory, 0, {request->bounce->data, size_t(length)});
       completion_for(request, uint32_t(length))(result);
     });
     return;
@@ -288,7 +291,7 @@ block::Completion VirtioBlock::completion_for(const std::shared_ptr<Request>& re
       finish(request, kBlkStatusIoErr, 0);
       return;
     }
-    if (written) request->out.mark_dirty(*activation_.memory, 0, written);
+    if (written) request->out.mark_dirty(request->memory, 0, written);
     finish(request, kBlkStatusOk, written);
   };
 }
@@ -300,7 +303,7 @@ void VirtioBlock::finish(const std::shared_ptr<Request>& request, uint8_t status
   uint32_t used_length = 0;
   if (request->out.size() > 0) {
     uint8_t byte[1] = {status};
-    request->out.write(*activation_.memory, request->out.size() - 1, byte);
+    request->out.write(request->memory, request->out.size() - 1, byte);
     used_length = data_written + 1;
   }
   Queue& queue = activation_.queues[request->queue];

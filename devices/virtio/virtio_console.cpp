@@ -1,6 +1,7 @@
 #include "devices/virtio/virtio_console.h"
 
 #include <algorithm>
+#include <stdexcept>
 #include <vector>
 
 namespace kiln::devices::virtio {
@@ -42,6 +43,20 @@ void VirtioConsole::enqueue_input(std::span<const uint8_t> bytes) {
   pending_input_.insert(pending_input_.end(), bytes.begin(), bytes.begin() + taken);
   metrics_.rx_dropped += bytes.size() - taken;
   if (active_) deliver_input_locked();
+}
+
+ConsoleState VirtioConsole::save() {
+  std::lock_guard lock(mutex_);
+  ConsoleState state;
+  state.pending_input.assign(pending_input_.begin(), pending_input_.end());
+  return state;
+}
+
+void VirtioConsole::restore(const ConsoleState& state) {
+  if (state.version != ConsoleState::kVersion)
+    throw std::invalid_argument("unsupported virtio-console state version");
+  std::lock_guard lock(mutex_);
+  pending_input_.assign(state.pending_input.begin(), state.pending_input.end());
 }
 
 void VirtioConsole::transmit_locked() {

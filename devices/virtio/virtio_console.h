@@ -7,6 +7,7 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <vector>
 
 #include "devices/virtio/rate_limited_log.h"
 #include "devices/virtio/virtio_device.h"
@@ -21,6 +22,13 @@ struct ConsoleMetrics {
   std::atomic<uint64_t> tx_bytes{0};
   std::atomic<uint64_t> rx_bytes{0};
   std::atomic<uint64_t> rx_dropped{0};
+};
+
+// Host input the guest has not consumed yet (the rings themselves are in VirtioPciState).
+struct ConsoleState {
+  static constexpr uint32_t kVersion = 1;
+  uint32_t version = kVersion;
+  std::vector<uint8_t> pending_input;
 };
 
 class VirtioConsole : public VirtioDevice {
@@ -49,6 +57,8 @@ class VirtioConsole : public VirtioDevice {
   void enqueue_input(std::span<const uint8_t> bytes);
 
   const ConsoleMetrics& metrics() const { return metrics_; }
+  ConsoleState save();
+  void restore(const ConsoleState& state);
 
  private:
   void transmit_locked();

@@ -79,5 +79,16 @@ TEST_F(VirtioConsoleTest, HostInputFillsReceiveBuffersInOrder) {
   EXPECT_EQ(*m_.memory.read_obj<uint8_t>(0x32000), 'x');
 }
 
+TEST_F(VirtioConsoleTest, PendingInputSurvivesSaveRestore) {
+  std::string text = "abc";
+  console_->enqueue_input(std::span(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
+  ConsoleState state = console_->save();
+  VirtioConsole other(nullptr);
+  other.restore(state);
+  EXPECT_EQ(other.save().pending_input, std::vector<uint8_t>({'a', 'b', 'c'}));
+  state.version = 99;
+  EXPECT_THROW(other.restore(state), std::invalid_argument);
+}
+
 }  // namespace
 }  // namespace kiln::devices::virtio

@@ -287,7 +287,9 @@ void VirtioPciDevice::write_status_locked(uint8_t value) {
     }
   }
   if ((added & kStatusDriverOk) && !(value & kStatusFeaturesOk)) value &= ~kStatusDriverOk;
-  status_.store(value | (old & kStatusNeedsReset));
+  // fetch_or, not store: NEEDS_RESET may be raised concurrently by the device, and value
+  // already holds every bit of `old` but that one.
+  status_.fetch_or(value);
   if ((added & kStatusDriverOk) && (value & kStatusDriverOk)) activate_locked();
 }
 
