@@ -18,8 +18,8 @@ bool VirtioConsole::activate(const VirtioActivation& activation) {
   if (activation.queues.size() != 2) return false;
   activation_ = activation;
   active_ = true;
-  // Input typed before the driver came up is delivered as soon as buffers are posted.
-  deliver_input_locked();
+  // Input typed before the driver came up waits for the guest to post receive buffers and
+  // notify; nothing touches the rings here, on the vCPU thread.
   return true;
 }
 
