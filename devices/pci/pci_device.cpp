@@ -90,6 +90,7 @@ uint32_t PciDevice::add_capability(uint8_t id, std::span<const uint8_t> body,
 }
 
 void PciDevice::config_read(uint32_t offset, std::span<uint8_t> data) {
+  config_before_read(offset, data.size());
   std::lock_guard lock(mutex_);
   for (size_t i = 0; i < data.size(); ++i)
     data[i] = offset + i < kConfigSpaceSize ? config_[offset + i] : 0xFF;

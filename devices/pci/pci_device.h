@@ -112,6 +112,9 @@ class PciDevice {
   // Called after a guest write to config space landed (config lock released), so a device can
   // react to writes to its capabilities.
   virtual void config_written(uint32_t /*offset*/, size_t /*size*/) {}
+  // Called before a guest read of config space (config lock not held), so a device can
+  // refresh bytes whose value is computed on access.
+  virtual void config_before_read(uint32_t /*offset*/, size_t /*size*/) {}
   // Called after BAR decoding changed, before the root bus remaps it (config lock released).
   virtual void bars_changed(const std::vector<BarChange>& /*changes*/) {}
 

@@ -123,6 +123,31 @@ TEST_F(VirtioBlkTest, PciIdentityAndConfigSpace) {
   EXPECT_FALSE(features & kBlkFeatureRo);
 }
 
+TEST_F(VirtioBlkTest, PciCfgCapabilityReachesTheBar) {
+  start();
+  uint32_t cap = 0;
+  for (uint32_t at = driver_->config_read(pci::kCapabilitiesPointer, 1); at;
+       at = driver_->config_read(at + 1, 1)) {
+    if (driver_->config_read(at, 1) == kCapVendorSpecific &&
+        driver_->config_read(at + 3, 1) == kCapPciCfg)
+      cap = at;
+  }
+  ASSERT_NE(cap, 0u);
+  // Read num_queues (common cfg 0x12, 2 bytes) through the window.
+  driver_->config_write(cap + kPciCfgBar, kVirtioBar, 1);
+  driver_->config_write(cap + kPciCfgOffset, kCommonCfgOffset + kCommonNumQueues);
+  driver_->config_write(cap + kPciCfgLength, 2);
+  EXPECT_EQ(driver_->config_read(cap + kPciCfgData, 2), 1u);
+  // Write device_status = ACKNOWLEDGE through it and see it over MMIO.
+  driver_->config_write(cap + kPciCfgOffset, kCommonCfgOffset + kCommonDeviceStatus);
+  driver_->config_write(cap + kPciCfgLength, 1);
+  driver_->config_write(cap + kPciCfgData, kStatusAcknowledge, 1);
+  EXPECT_EQ(driver_->status(), kStatusAcknowledge);
+  // A misaligned or oversized window reads zero and writes nothing.
+  driver_->config_write(cap + kPciCfgLength, 8);
+  EXPECT_EQ(driver_->config_read(cap + kPciCfgData), 0u);
+}
+
 TEST_F(VirtioBlkTest, RefusesFeaturesNotOfferedOrWithoutVersion1) {
   start();
   uint64_t offered = driver_->device_features();

@@ -90,13 +90,53 @@ void VirtioPciDevice::add_virtio_capabilities() {
   cap(virtio_cap_body(kCapIsrCfg, kIsrCfgOffset, 1));
   cap(virtio_cap_body(kCapDeviceCfg, kDeviceCfgOffset,
                       std::max<uint32_t>(device_->config_size(), 1)));
+  // Access to the BAR through config space (spec 4.1.4.9): bar, offset, length and the data
+  // window are the driver's to write.
+  std::vector<uint8_t> pci_cfg = virtio_cap_body(kCapPciCfg, 0, 0);
+  pci_cfg[0] = 20;
+  pci_cfg.insert(pci_cfg.end(), 4, 0);
+  std::vector<uint8_t> writable(pci_cfg.size(), 0);
+  writable[kPciCfgBar - 2] = 0xFF;
+  std::fill(writable.begin() + (kPciCfgOffset - 2), writable.end(), 0xFF);
+  pci_cfg_capability_ = add_capability(kCapVendorSpecific, pci_cfg, writable);
   msix_capability_ = add_capability(
       pci::kMsixCapabilityId,
       msix_.capability_body(kVirtioBar, kMsixTableOffset, kVirtioBar, kMsixPbaOffset),
       pci::Msix::capability_writable_mask());
 }
 
+bool VirtioPciDevice::pci_cfg_window(uint64_t& offset, uint32_t& length) {
+  uint8_t raw[12];
+  read_config_bytes(pci_cfg_capability_ + kPciCfgBar, raw);
+  uint8_t bar = raw[0];
+  offset = load_le(std::span<const uint8_t>(raw + 4, 4));
+  length = uint32_t(load_le(std::span<const uint8_t>(raw + 8, 4)));
+  // Only naturally aligned 1, 2 and 4 byte accesses of our BAR are defined.
+  return bar == kVirtioBar && (length == 1 || length == 2 || length == 4) && offset % length == 0 &&
+         offset < kVirtioBarSize;
+}
+
+static bool overlaps(uint32_t offset, size_t size, uint32_t start, uint32_t length) {
+  return offset < start + length && offset + size > start;
+}
+
+void VirtioPciDevice::config_before_read(uint32_t offset, size_t size) {
+  if (!overlaps(offset, size, pci_cfg_capability_ + kPciCfgData, 4)) return;
+  uint64_t bar_offset;
+  uint32_t length;
+  uint8_t data[4] = {};
+  if (pci_cfg_window(bar_offset, length)) bar_read(kVirtioBar, bar_offset, {data, length});
+  write_config_bytes(pci_cfg_capability_ + kPciCfgData, data);
+}
+
 void VirtioPciDevice::config_written(uint32_t offset, size_t size) {
+  if (overlaps(offset, uint32_t(size), pci_cfg_capability_ + kPciCfgData, 4)) {
+    uint64_t bar_offset;
+    uint32_t length;
+    uint8_t data[4];
+    read_config_bytes(pci_cfg_capability_ + kPciCfgData, data);
+    if (pci_cfg_window(bar_offset, length)) bar_write(kVirtioBar, bar_offset, {data, length});
+  }
   uint32_t control = msix_capability_ + 2;
   if (offset + size <= control || offset >= control + 2) return;
   uint8_t bytes[2];

@@ -68,6 +68,12 @@ inline constexpr uint8_t kCapCommonCfg = 1;
 inline constexpr uint8_t kCapNotifyCfg = 2;
 inline constexpr uint8_t kCapIsrCfg = 3;
 inline constexpr uint8_t kCapDeviceCfg = 4;
+inline constexpr uint8_t kCapPciCfg = 5;
+// Offsets inside the VIRTIO_PCI_CAP_PCI_CFG capability (struct virtio_pci_cfg_cap).
+inline constexpr uint32_t kPciCfgBar = 4;
+inline constexpr uint32_t kPciCfgOffset = 8;
+inline constexpr uint32_t kPciCfgLength = 12;
+inline constexpr uint32_t kPciCfgData = 16;
 inline constexpr uint8_t kCapVendorSpecific = 0x09;
 
 struct VirtioPciState {
@@ -126,6 +132,9 @@ class VirtioPciDevice : public pci::PciDevice, private VirtioInterrupt {
 
   // PciDevice hooks
   void config_written(uint32_t offset, size_t size) override;
+  void config_before_read(uint32_t offset, size_t size) override;
+  // The VIRTIO_PCI_CAP_PCI_CFG window: where pci_cfg_data currently points, if valid.
+  bool pci_cfg_window(uint64_t& offset, uint32_t& length);
   void bars_changed(const std::vector<pci::BarChange>& changes) override;
 
   void add_virtio_capabilities();
@@ -147,6 +156,7 @@ class VirtioPciDevice : public pci::PciDevice, private VirtioInterrupt {
   NotifyRegistrar* notify_;
   pci::Msix msix_;
   uint32_t msix_capability_ = 0;
+  uint32_t pci_cfg_capability_ = 0;
   std::vector<UniqueFd> queue_eventfds_;
 
   // Guards the common configuration state below. Lock order: this, then the device's own
