@@ -180,9 +180,13 @@ void Vm::set_irq_line(uint32_t gsi, bool level) {
   checked_ioctl(fd_.get(), KVM_IRQ_LINE, &irq, "KVM_IRQ_LINE");
 }
 
-uint32_t Vm::allocate_gsi() { return next_gsi_++; }
+uint32_t Vm::allocate_gsi() {
+  std::lock_guard lock(routes_mutex_);
+  return next_gsi_++;
+}
 
 void Vm::set_msi_route(uint32_t gsi, uint64_t address, uint32_t data) {
+  std::lock_guard lock(routes_mutex_);
   for (Route& route : msi_routes_) {
     if (route.gsi == gsi) {
       route.address = address;
@@ -196,6 +200,7 @@ void Vm::set_msi_route(uint32_t gsi, uint64_t address, uint32_t data) {
 }
 
 void Vm::remove_msi_route(uint32_t gsi) {
+  std::lock_guard lock(routes_mutex_);
   std::erase_if(msi_routes_, [gsi](const Route& r) { return r.gsi == gsi; });
   commit_routes();
 }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -147,6 +148,7 @@ class Vm {
   };
   UniqueFd fd_;
   size_t mmap_size_;
+  std::mutex routes_mutex_;  // vCPU threads reprogram MSI-X vectors concurrently
   std::vector<Route> msi_routes_;
   uint32_t next_gsi_ = 24;
 };

@@ -1,6 +1,7 @@
 #include "vmm/machine.h"
 
 #include <pthread.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 #include <signal.h>
 
@@ -10,9 +11,17 @@
 #include <fstream>
 
 #include "arch/x86/acpi/acpi.h"
+#include "base/unique_fd.h"
 #include "arch/x86/boot.h"
 #include "arch/x86/cpuid.h"
+#include "base/event_loop.h"
+#include "block/qcow2/qcow2_device.h"
+#include "block/raw/raw.h"
 #include "devices/bus.h"
+#include "devices/pci/pci_root.h"
+#include "devices/virtio/virtio_blk.h"
+#include "devices/virtio/virtio_pci.h"
+#include "devices/virtio/virtio_rng.h"
 #include "devices/legacy/acpi_pm.h"
 #include "devices/legacy/debug_exit.h"
 #include "devices/legacy/i8042.h"
@@ -44,6 +53,87 @@ class KvmIrqLine : public devices::IrqLine {
   hv::Vm& vm_;
   uint32_t gsi_;
 };
+
+// One MSI-X vector: a GSI routed to the address/data the guest programmed, and an irqfd on it,
+// so a device thread raises the interrupt with one eventfd write and no trip through kiln.
+class KvmMsiVector : public devices::MsiVector {
+ public:
+  explicit KvmMsiVector(hv::Vm& vm) : vm_(vm), gsi_(vm.allocate_gsi()) {
+    fd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!fd_) throw std::system_error(errno, std::generic_category(), "eventfd for an MSI vector");
+    vm_.add_irqfd(fd_.get(), gsi_);
+  }
+  ~KvmMsiVector() override {
+    try {
+      vm_.remove_irqfd(fd_.get(), gsi_);
+      if (routed_) vm_.remove_msi_route(gsi_);
+    } catch (const std::exception& e) {
+      spdlog::warn("releasing MSI vector (gsi {}): {}", gsi_, e.what());
+    }
+  }
+  void configure(uint64_t address, uint32_t data, bool masked) override {
+    // A masked vector keeps its route; the MSI-X model holds back (and records as pending)
+    // interrupts while masked, so the route only matters once it is unmasked.
+    (void)masked;
+    vm_.set_msi_route(gsi_, address, data);
+    routed_ = true;
+  }
+  void trigger() override {
+    uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(fd_.get(), &one, sizeof(one));
+  }
+
+ private:
+  hv::Vm& vm_;
+  uint32_t gsi_;
+  UniqueFd fd_;
+  bool routed_ = false;
+};
+
+class KvmMsiAllocator : public devices::MsiAllocator {
+ public:
+  explicit KvmMsiAllocator(hv::Vm& vm) : vm_(vm) {}
+  std::unique_ptr<devices::MsiVector> allocate() override {
+    return std::make_unique<KvmMsiVector>(vm_);
+  }
+
+ private:
+  hv::Vm& vm_;
+};
+
+// Queue notifications as KVM ioeventfds: the guest's write to a notify address signals the
+// queue's eventfd in the kernel, and the device thread wakes without a vCPU exit.
+class KvmNotifyRegistrar : public devices::virtio::NotifyRegistrar {
+ public:
+  explicit KvmNotifyRegistrar(hv::Vm& vm) : vm_(vm) {}
+  void add(uint64_t gpa, uint32_t len, int eventfd) override {
+    vm_.add_ioeventfd(eventfd, gpa, len, false);
+  }
+  void remove(uint64_t gpa, uint32_t len, int eventfd) override {
+    vm_.remove_ioeventfd(eventfd, gpa, len, false);
+  }
+
+ private:
+  hv::Vm& vm_;
+};
+
+std::shared_ptr<block::BlockDevice> open_disk(const DiskConfig& disk) {
+  const auto cache = disk.cache == "none" ? block::CacheMode::kNone : block::CacheMode::kWriteback;
+  try {
+    if (disk.format == "qcow2") {
+      block::OpenOptions options;
+      options.read_only = disk.read_only;
+      options.cache = cache;
+      return block::open_qcow2_device(disk.path, options);
+    }
+    block::RawOptions options;
+    options.read_only = disk.read_only;
+    options.cache = cache;
+    return block::open_raw(disk.path, options);
+  } catch (const std::exception& e) {
+    throw ConfigError(fmt::format("--disk {}: {}", disk.path, e.what()));
+  }
+}
 
 void install_kick_handler() {
   static std::once_flag once;
@@ -86,6 +176,14 @@ struct Machine::Impl {
   devices::Bus mmio;
   std::shared_ptr<devices::legacy::Serial> serial;
   std::shared_ptr<devices::legacy::AcpiPm> acpi_pm;
+  // PCI and virtio. The event loop is declared before the devices so it outlives them.
+  EventLoop device_loop;
+  std::unique_ptr<KvmMsiAllocator> msi;
+  std::unique_ptr<KvmNotifyRegistrar> notify;
+  std::unique_ptr<devices::pci::BusBarMapper> bar_mapper;
+  std::unique_ptr<devices::pci::PciRoot> pci;
+  std::vector<std::shared_ptr<devices::virtio::VirtioPciDevice>> virtio_devices;
+  std::vector<std::pair<DiskConfig, std::shared_ptr<block::BlockDevice>>> disks;
   std::vector<std::unique_ptr<hv::Vcpu>> vcpus;
   std::vector<std::thread> threads;
 
@@ -104,6 +202,8 @@ struct Machine::Impl {
   void check_host_limits();
   void create_memory();
   void create_devices();
+  void create_pci_devices();
+  void add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> model);
   x86::LoadedKernel load_kernel();
   void create_vcpus(const x86::LoadedKernel& kernel);
   void vcpu_loop(hv::Vcpu& vcpu);
@@ -155,11 +255,39 @@ void Machine::Impl::create_devices() {
   insert_quiet_ports(pio);
 }
 
+void Machine::Impl::add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> model) {
+  auto device = std::make_shared<devices::virtio::VirtioPciDevice>(std::move(model), *memory, *msi,
+                                                                   device_loop, notify.get());
+  pci->add(device);
+  virtio_devices.push_back(std::move(device));
+}
+
+void Machine::Impl::create_pci_devices() {
+  using namespace devices;
+  msi = std::make_unique<KvmMsiAllocator>(*vm);
+  notify = std::make_unique<KvmNotifyRegistrar>(*vm);
+  bar_mapper = std::make_unique<pci::BusBarMapper>(mmio, pio);
+  pci = std::make_unique<pci::PciRoot>(*bar_mapper);
+  pio.insert(std::make_shared<pci::PciConfigIo>(*pci), pci::kConfigIoBase, 8);
+  mmio.insert(std::make_shared<pci::PciConfigMmio>(*pci), pci::kEcamBase, pci::kEcamSize);
+  for (const DiskConfig& disk : config.disks) {
+    auto backend = open_disk(disk);
+    virtio::BlockConfig block;
+    block.serial = disk.serial;
+    block.read_only = disk.read_only;
+    block.num_queues = uint16_t(config.cpus);  // one queue per vCPU
+    add_virtio(std::make_shared<virtio::VirtioBlock>(backend, block));
+    disks.emplace_back(disk, backend);
+  }
+  if (config.rng) add_virtio(std::make_shared<virtio::VirtioRng>());
+  device_loop.start_thread();
+}
+
 x86::LoadedKernel Machine::Impl::load_kernel() {
   auto kernel = read_file_or_config_error(config.kernel, "--kernel");
   std::vector<uint8_t> initramfs;
   if (!config.initramfs.empty()) initramfs = read_file_or_config_error(config.initramfs, "--initramfs");
-  uint64_t rsdp = acpi::write_acpi_tables(*memory, {config.cpus, false});
+  uint64_t rsdp = acpi::write_acpi_tables(*memory, {config.cpus, true});
   try {
     return x86::load_linux(*memory, kernel, initramfs, config.cmdline, rsdp);
   } catch (const x86::BootError& e) {
@@ -191,6 +319,7 @@ void Machine::Impl::build() {
   vm->create_pit();
   create_memory();
   create_devices();
+  create_pci_devices();
   create_vcpus(load_kernel());
 }
 
@@ -292,6 +421,10 @@ Machine::~Machine() {
   impl_->kick_all();
   for (auto& t : impl_->threads)
     if (t.joinable()) t.join();
+  // Requests in flight complete into guest memory and device queues: let them land, then stop
+  // the device thread before the devices go away.
+  for (auto& [config, disk] : impl_->disks) disk->drain();
+  impl_->device_loop.join_thread();
 }
 
 StopEvent Machine::run() {
@@ -349,6 +482,21 @@ bool Machine::paused() const {
 
 std::vector<control::BlockInfo> Machine::block_info() const {
   std::vector<control::BlockInfo> blocks;
+  for (size_t i = 0; i < impl_->disks.size(); ++i) {
+    const auto& [disk, backend] = impl_->disks[i];
+    control::BlockInfo info;
+    info.device = fmt::format("disk{}", i);
+    info.qdev = fmt::format("/machine/peripheral-anon/device[{}]/virtio-backend", i);
+    info.io_status = "ok";
+    control::BlockMedium medium;
+    medium.file = disk.path;
+    medium.read_only = disk.read_only;
+    medium.driver = disk.format;
+    medium.virtual_size = backend->size();
+    medium.cache_direct = disk.cache == "none";
+    info.inserted = medium;
+    blocks.push_back(std::move(info));
+  }
   return blocks;
 }
 
