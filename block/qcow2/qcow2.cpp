@@ -224,6 +224,17 @@ void Image::validate_tables() {
     refcount_table_[i] = load_be64(&raw[i * 8]);
   }
   free_hint_ = 1;
+  rebuild_metadata_set();
+}
+
+void Image::rebuild_metadata_set() {
+  metadata_clusters_.clear();
+  for (uint64_t e : refcount_table_) {
+    if (e & kOffsetMask) metadata_clusters_.insert(e & kOffsetMask);
+  }
+  for (uint64_t e : l1_) {
+    if (e & kOffsetMask) metadata_clusters_.insert(e & kOffsetMask);
+  }
 }
 
 void Image::open_backing(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& chain) {
@@ -327,6 +338,7 @@ Image::L2Table* Image::get_l2(uint64_t l1_index, bool allocate) {
   std::vector<uint64_t> entries(l2_entries(), 0);
   if (off != 0) entries = load_l2(off)->entries;
   const uint64_t new_off = alloc_clusters(1);
+  metadata_clusters_.insert(new_off);
   evict_l2_if_needed();
   l2_lru_.push_front(L2Table{new_off, std::move(entries), true});
   l2_index_[new_off] = l2_lru_.begin();
@@ -740,6 +752,7 @@ void Image::apply_deferred_frees() {
       if (rc == 0) continue;  // already inconsistent; never underflow
       set_refcount(c, rc - 1);
       if (rc == 1) {
+        metadata_clusters_.erase(c * cluster_size_);
         free_hint_ = std::min(free_hint_, c);
         if (compressed_cursor_ / cluster_size_ == c) compressed_cursor_ = 0;
       }
@@ -862,6 +875,7 @@ void Image::ensure_refcount_block(uint64_t bi) {
   if (place != 0) {
     refblocks_[bi] = std::move(fresh);
     refcount_table_[bi] = place * cluster_size_;
+    metadata_clusters_.insert(place * cluster_size_);
     refcount_table_dirty_ = true;
     set_refcount(place, 1);
     note_allocation(place);
@@ -871,6 +885,7 @@ void Image::ensure_refcount_block(uint64_t bi) {
   const uint64_t off = alloc_clusters(1);
   refblocks_[bi] = std::move(fresh);
   refcount_table_[bi] = off;
+  metadata_clusters_.insert(off);
   refcount_table_dirty_ = true;
 }
 
@@ -929,7 +944,7 @@ uint64_t Image::alloc_clusters(uint64_t count) {
     if (is_metadata(c * cluster_size_)) {
       throw Qcow2Error("refcounts are corrupt: allocation would overwrite image metadata");
     }
-    exclusions_.back().begin = c + 1;
+    exclusions_.back().begin = c;  // c stays excluded until its refcount is set
     set_refcount(c, 1);
     note_allocation(c);
   }

@@ -216,6 +216,11 @@ class Image : public SyncImage {
   std::unordered_map<uint64_t, std::list<L2Table>::iterator> l2_index_;
   size_t l2_capacity_ = 16;
 
+  // Host offsets of refcount blocks and L2 tables: data must never be read from or written to
+  // them, whatever an untrusted L2 entry says.
+  std::unordered_set<uint64_t> metadata_clusters_;
+  void rebuild_metadata_set();
+
   std::vector<uint64_t> refcount_table_;
   bool refcount_table_dirty_ = false;
   std::unordered_map<uint64_t, RefBlock> refblocks_;

@@ -253,6 +253,7 @@ void Image::repair(RepairMode mode, std::vector<uint64_t>& refs, const std::vect
     }
   }
   check_in_use_ = nullptr;
+  rebuild_metadata_set();
   flush_locked();
 }
 
