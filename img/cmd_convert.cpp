@@ -34,6 +34,7 @@ struct Target {
   std::unique_ptr<Image> qcow2;
   std::unique_ptr<RawImage> raw;
   bool compress = false;
+  bool sync = false;
 
   uint64_t granularity() const { return qcow2 ? qcow2->cluster_size() : 4096; }
   void write(uint64_t offset, std::span<const uint8_t> data) {
@@ -48,7 +49,7 @@ struct Target {
   void flush() {
     if (qcow2) {
       qcow2->flush();
-    } else {
+    } else if (sync) {
       raw->flush();
     }
   }
@@ -59,6 +60,7 @@ struct Target {
 int cmd_convert(int argc, char** argv) {
   std::string src_fmt, out_fmt = "raw", options;
   bool compress = false, progress = false, force_share = false;
+  std::string cache = "unsafe";  // qemu-img convert's default for the target
   optind = 1;
   static const option kLong[] = {{"force-share", no_argument, nullptr, 'U'},
                                  {"help", no_argument, nullptr, 'h'},
@@ -86,8 +88,10 @@ int cmd_convert(int argc, char** argv) {
       case 'q':
         progress = false;
         break;
-      case 'W':
       case 't':
+        cache = optarg;
+        break;
+      case 'W':
       case 'T':
       case 'm':
         break;  // accepted for compatibility: requests are synchronous here
@@ -104,6 +108,7 @@ int cmd_convert(int argc, char** argv) {
 
   Target dst;
   dst.compress = compress;
+  dst.sync = cache != "unsafe";
   const auto opts = parse_options(options);
   if (out_fmt == "qcow2") {
     block::qcow2::CreateOptions co;
@@ -115,6 +120,7 @@ int cmd_convert(int argc, char** argv) {
     block::qcow2::OpenOptions oo;
     oo.read_only = false;
     oo.format = "qcow2";
+    oo.unsafe = !dst.sync;
     dst.qcow2 = Image::open(dst_path, oo);
   } else if (out_fmt == "raw") {
     if (!opts.empty()) throw UsageError(fmt::format("Invalid parameter '{}'", opts.begin()->first));

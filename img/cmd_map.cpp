@@ -2,6 +2,8 @@
 #include <fmt/format.h>
 #include <getopt.h>
 
+#include <cstdio>
+
 #include "img/common.h"
 
 namespace kiln::img {
@@ -117,6 +119,13 @@ int cmd_map(int argc, char** argv) {
     return 0;
   }
   fmt::print("{:<16}{:<16}{:<16}{}\n", "Offset", "Length", "Mapped to", "File");
+  std::fflush(stdout);
+  for (const auto& e : entries) {
+    if (e.data && !e.has_offset) {
+      fmt::print(stderr, "kiln-img: File contains external, encrypted or compressed clusters.\n");
+      return 1;
+    }
+  }
   auto hex = [](uint64_t v) { return v ? fmt::format("{:#x}", v) : std::string("0"); };
   for (const auto& e : entries) {
     if (!e.data || !e.has_offset) continue;

@@ -140,6 +140,7 @@ Image::~Image() {
 
 void Image::load(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& chain) {
   read_only_ = opts.read_only;
+  unsafe_ = opts.unsafe;
   fd_ = open_file(path_, read_only_, opts.cache);
   auto id = file_id(fd_.get());
   if (std::find(chain.begin(), chain.end(), id) != chain.end()) {
@@ -267,6 +268,7 @@ void Image::write_header() {
 }
 
 void Image::sync_file() {
+  if (unsafe_) return;
   if (::fdatasync(fd_.get()) != 0) throw_errno("fdatasync");
 }
 

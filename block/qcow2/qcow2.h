@@ -37,6 +37,9 @@ struct OpenOptions {
   bool force_share = false;
   // Format of the top image: "" probes (qcow2 magic, else raw), "qcow2" or "raw".
   std::string format;
+  // cache=unsafe (qemu-img convert's default): flush() still writes metadata in order but skips
+  // fdatasync, so nothing is durable until the OS writes it back.
+  bool unsafe = false;
   // Worker threads of the BlockDevice adapter.
   unsigned workers = 2;
 };
@@ -206,6 +209,7 @@ class Image : public SyncImage {
   UniqueFd fd_;
   std::string path_;
   bool read_only_ = true;
+  bool unsafe_ = false;
   Header header_;
   uint64_t cluster_size_ = 0;
   std::unique_ptr<SyncImage> backing_;

@@ -62,8 +62,23 @@ class TempDir {
 };
 
 inline std::vector<uint8_t> read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
+  std::vector<uint8_t> out(f ? size_t(f.tellg()) : 0);
+  f.seekg(0);
+  f.read(reinterpret_cast<char*>(out.data()), std::streamsize(out.size()));
+  return out;
+}
+
+// Output without the tool's own error lines ("qemu-img: ..." / "kiln-img: ...").
+inline std::string without_tool_errors(const std::string& out) {
+  std::string result, line;
+  for (char c : out) {
+    line += c;
+    if (c != '\n') continue;
+    if (line.rfind("qemu-img: ", 0) != 0 && line.rfind("kiln-img: ", 0) != 0) result += line;
+    line.clear();
+  }
+  return result + line;
 }
 
 inline void write_file_at(const std::string& path, uint64_t offset, const std::vector<uint8_t>& b) {
