@@ -149,9 +149,8 @@ void Image::load(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& 
   if (chain.size() >= kMaxChainDepth) throw Qcow2Error("backing chain too deep");
   chain.push_back(id);
 
-  std::vector<uint8_t> first(1u << kMaxClusterBits);
   const uint64_t fsize = fd_size(fd_.get());
-  first.resize(std::min<uint64_t>(first.size(), fsize));
+  std::vector<uint8_t> first(std::min<uint64_t>(1u << kMaxClusterBits, fsize));
   pread_zero_fill(fd_.get(), first, 0);
   header_ = parse_header(first);
   cluster_size_ = 1ull << header_.cluster_bits;
