@@ -228,12 +228,13 @@ void Image::validate_tables() {
 }
 
 void Image::rebuild_metadata_set() {
-  metadata_clusters_.clear();
+  refblock_clusters_.clear();
+  l2_clusters_.clear();
   for (uint64_t e : refcount_table_) {
-    if (e & kOffsetMask) metadata_clusters_.insert(e & kOffsetMask);
+    if (e & kOffsetMask) refblock_clusters_.insert(e & kOffsetMask);
   }
   for (uint64_t e : l1_) {
-    if (e & kOffsetMask) metadata_clusters_.insert(e & kOffsetMask);
+    if (e & kOffsetMask) l2_clusters_.insert(e & kOffsetMask);
   }
 }
 
@@ -274,7 +275,7 @@ void Image::sync_file() {
 // ---------------------------------------------------------------------------------------------
 // L2 tables
 
-bool Image::is_metadata(uint64_t host) const {
+bool Image::is_metadata(uint64_t host, bool with_l2) const {
   if (host < cluster_size_) return true;
   auto inside = [&](uint64_t off, uint64_t len) { return host >= off && host < off + len; };
   if (inside(header_.l1_table_offset, header_.l1_size * 8ull)) return true;
@@ -282,7 +283,8 @@ bool Image::is_metadata(uint64_t host) const {
              uint64_t(header_.refcount_table_clusters) * cluster_size_)) {
     return true;
   }
-  return false;
+  const uint64_t cluster = host - host % cluster_size_;
+  return refblock_clusters_.count(cluster) != 0 || (with_l2 && l2_clusters_.count(cluster) != 0);
 }
 
 Image::L2Table* Image::load_l2(uint64_t offset) {
@@ -328,7 +330,7 @@ Image::L2Table* Image::get_l2(uint64_t l1_index, bool allocate) {
   const uint64_t l1e = l1_[l1_index];
   const uint64_t off = l1e & kOffsetMask;
   if (off != 0 && (allocate ? (l1e & kFlagCopied) : true)) {
-    if (off % cluster_size_ != 0 || is_metadata(off)) {
+    if (off % cluster_size_ != 0 || is_metadata(off, false)) {
       throw Qcow2Error(
           fmt::format("L1 entry {} has an invalid L2 table offset 0x{:x}", l1_index, off));
     }
@@ -339,7 +341,7 @@ Image::L2Table* Image::get_l2(uint64_t l1_index, bool allocate) {
   std::vector<uint64_t> entries(l2_entries(), 0);
   if (off != 0) entries = load_l2(off)->entries;
   const uint64_t new_off = alloc_clusters(1);
-  metadata_clusters_.insert(new_off);
+  l2_clusters_.insert(new_off);
   evict_l2_if_needed();
   l2_lru_.push_front(L2Table{new_off, std::move(entries), true});
   l2_index_[new_off] = l2_lru_.begin();
@@ -753,7 +755,8 @@ void Image::apply_deferred_frees() {
       if (rc == 0) continue;  // already inconsistent; never underflow
       set_refcount(c, rc - 1);
       if (rc == 1) {
-        metadata_clusters_.erase(c * cluster_size_);
+        refblock_clusters_.erase(c * cluster_size_);
+        l2_clusters_.erase(c * cluster_size_);
         free_hint_ = std::min(free_hint_, c);
         if (compressed_cursor_ / cluster_size_ == c) compressed_cursor_ = 0;
       }
@@ -876,7 +879,7 @@ void Image::ensure_refcount_block(uint64_t bi) {
   if (place != 0) {
     refblocks_[bi] = std::move(fresh);
     refcount_table_[bi] = place * cluster_size_;
-    metadata_clusters_.insert(place * cluster_size_);
+    refblock_clusters_.insert(place * cluster_size_);
     refcount_table_dirty_ = true;
     set_refcount(place, 1);
     note_allocation(place);
@@ -886,7 +889,7 @@ void Image::ensure_refcount_block(uint64_t bi) {
   const uint64_t off = alloc_clusters(1);
   refblocks_[bi] = std::move(fresh);
   refcount_table_[bi] = off;
-  metadata_clusters_.insert(off);
+  refblock_clusters_.insert(off);
   refcount_table_dirty_ = true;
 }
 

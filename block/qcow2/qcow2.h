@@ -179,7 +179,8 @@ class Image : public SyncImage {
   uint64_t l2_entry(uint64_t guest_cluster);
   void set_l2_entry(uint64_t guest_cluster, uint64_t entry);
   void check_data_offset(uint64_t host, uint64_t guest_offset) const;
-  bool is_metadata(uint64_t host_cluster_offset) const;
+  // Header, L1, refcount table or a refcount block; with_l2 adds the active L2 tables.
+  bool is_metadata(uint64_t host_cluster_offset, bool with_l2 = true) const;
 
   // Reads/writes within one guest cluster.
   void read_cluster_part(uint64_t offset, std::span<uint8_t> buf);
@@ -222,7 +223,7 @@ class Image : public SyncImage {
 
   // Host offsets of refcount blocks and L2 tables: data must never be read from or written to
   // them, whatever an untrusted L2 entry says.
-  std::unordered_set<uint64_t> metadata_clusters_;
+  std::unordered_set<uint64_t> refblock_clusters_, l2_clusters_;
   void rebuild_metadata_set();
 
   std::vector<uint64_t> refcount_table_;
