@@ -1,0 +1,960 @@
+#include "block/qcow2/qcow2.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+#include <zstd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <system_error>
+
+#include "base/errors.h"
+#include "block/qcow2/file_io.h"
+
+namespace kiln::block::qcow2 {
+namespace {
+
+constexpr uint64_t kDefaultMaxL2Cache = 32ull << 20;
+constexpr size_t kMaxChainDepth = 256;  // far beyond real use; bounds fds and recursion
+
+uint64_t div_round_up(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
+
+UniqueFd open_file(const std::string& path, bool read_only, CacheMode cache) {
+  int flags = (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  if (cache == CacheMode::kNone) flags |= O_DIRECT;
+  UniqueFd fd(::open(path.c_str(), flags));
+  if (!fd) throw_errno(fmt::format("Could not open '{}'", path));
+  return fd;
+}
+
+std::pair<dev_t, ino_t> file_id(int fd) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throw_errno("fstat");
+  return {st.st_dev, st.st_ino};
+}
+
+uint64_t allocated_bytes(int fd) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throw_errno("fstat");
+  return uint64_t(st.st_blocks) * 512;
+}
+
+// Backing file names are relative to the directory of the image that names them.
+std::string resolve_backing_path(const std::string& image_path, const std::string& backing) {
+  if (backing.empty() || backing[0] == '/') return backing;
+  auto dir = std::filesystem::path(image_path).parent_path();
+  return dir.empty() ? backing : (dir / backing).string();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Raw images
+
+std::unique_ptr<RawImage> RawImage::open(const std::string& path, bool read_only,
+                                         bool force_share) {
+  auto img = std::unique_ptr<RawImage>(new RawImage());
+  img->fd_ = open_file(path, read_only, CacheMode::kWriteback);
+  img->path_ = path;
+  lock_image(img->fd_.get(), path, read_only, force_share);
+  img->size_ = fd_size(img->fd_.get());
+  return img;
+}
+
+void RawImage::create(const std::string& path, uint64_t size) {
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd) throw_errno(fmt::format("Could not create '{}'", path));
+  if (::ftruncate(fd.get(), off_t(size)) != 0) throw_errno("ftruncate");
+}
+
+void RawImage::read(uint64_t offset, std::span<uint8_t> buf) {
+  pread_zero_fill(fd_.get(), buf, offset);
+}
+
+void RawImage::write(uint64_t offset, std::span<const uint8_t> buf) {
+  pwrite_all(fd_.get(), buf, offset);
+  size_ = std::max(size_, offset + buf.size());
+}
+
+void RawImage::flush() {
+  if (::fdatasync(fd_.get()) != 0) throw_errno("fdatasync");
+}
+
+uint64_t RawImage::actual_size() const { return allocated_bytes(fd_.get()); }
+
+Extent RawImage::block_status(uint64_t offset, uint64_t length) {
+  Extent e{offset, length, ExtentKind::kData, offset};
+  if (offset >= size_) return {offset, length, ExtentKind::kZero, 0};
+  length = std::min(length, size_ - offset);
+  off_t data = ::lseek(fd_.get(), off_t(offset), SEEK_DATA);
+  if (data < 0) return {offset, length, ExtentKind::kZero, 0};  // ENXIO: hole up to EOF
+  if (uint64_t(data) > offset) {
+    return {offset, std::min<uint64_t>(length, uint64_t(data) - offset), ExtentKind::kZero, 0};
+  }
+  off_t hole = ::lseek(fd_.get(), off_t(offset), SEEK_HOLE);
+  if (hole > off_t(offset))
+    e.length = std::min<uint64_t>(length, uint64_t(hole) - offset);
+  else
+    e.length = length;
+  return e;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening and validation
+
+std::string probe_format(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) throw_errno(fmt::format("Could not open '{}'", path));
+  uint8_t magic[4] = {};
+  pread_zero_fill(fd.get(), magic, 0);
+  return load_be32(magic) == kMagic ? "qcow2" : "raw";
+}
+
+std::unique_ptr<SyncImage> open_image(const std::string& path, const OpenOptions& opts) {
+  std::string fmt = opts.format.empty() ? probe_format(path) : opts.format;
+  if (fmt == "raw") return RawImage::open(path, opts.read_only, opts.force_share);
+  if (fmt != "qcow2") throw Qcow2Error(fmt::format("Unknown driver '{}'", fmt));
+  return Image::open(path, opts);
+}
+
+std::unique_ptr<Image> Image::open(const std::string& path, const OpenOptions& opts) {
+  std::vector<std::pair<dev_t, ino_t>> chain;
+  auto img = std::unique_ptr<Image>(new Image());
+  img->path_ = path;
+  img->load(opts, chain);
+  return img;
+}
+
+Image::~Image() {
+  if (read_only_) return;
+  try {
+    flush();
+  } catch (...) {
+    // Destructors cannot report; callers that care call flush() themselves.
+  }
+}
+
+void Image::load(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& chain) {
+  read_only_ = opts.read_only;
+  unsafe_ = opts.unsafe;
+  fd_ = open_file(path_, read_only_, opts.cache);
+  auto id = file_id(fd_.get());
+  if (std::find(chain.begin(), chain.end(), id) != chain.end()) {
+    throw Qcow2Error(fmt::format("backing chain loop: '{}' is its own backing file", path_));
+  }
+  if (chain.size() >= kMaxChainDepth) throw Qcow2Error("backing chain too deep");
+  chain.push_back(id);
+
+  const uint64_t fsize = fd_size(fd_.get());
+  std::vector<uint8_t> first(std::min<uint64_t>(1u << kMaxClusterBits, fsize));
+  pread_zero_fill(fd_.get(), first, 0);
+  header_ = parse_header(first);
+  cluster_size_ = 1ull << header_.cluster_bits;
+
+  const uint64_t unknown = header_.incompatible_features & ~kIncompatSupported;
+  if (header_.incompatible_features & kIncompatExtendedL2) {
+    throw Qcow2Error("unsupported qcow2 feature: extended L2 entries (subclusters)");
+  }
+  if (header_.incompatible_features & kIncompatExternalData) {
+    throw Qcow2Error("unsupported qcow2 feature: external data file");
+  }
+  if (unknown) throw Qcow2Error(fmt::format("Unsupported IMGFMT feature(s): 0x{:x}", unknown));
+  if (header_.crypt_method != 0) throw Qcow2Error("encrypted qcow2 images are not supported");
+  if (!read_only_ && (header_.incompatible_features & kIncompatCorrupt)) {
+    throw Qcow2Error(
+        fmt::format("qcow2: Image is corrupt; cannot be opened read/write ('{}')", path_));
+  }
+  lock_image(fd_.get(), path_, read_only_, opts.force_share);
+  validate_tables();
+
+  const uint64_t wanted = opts.l2_cache_bytes
+                              ? opts.l2_cache_bytes
+                              : std::min(kDefaultMaxL2Cache, l1_.size() * cluster_size_);
+  l2_capacity_ = std::max<size_t>(4, wanted / cluster_size_);
+
+  if (!read_only_ && (header_.incompatible_features & kIncompatDirty)) {
+    // Left dirty by a lazy-refcounts writer that crashed: rebuild refcounts before writing.
+    check(RepairMode::kAll);
+    header_.incompatible_features &= ~kIncompatDirty;
+    write_header();
+    sync_file();
+  }
+  open_backing(opts, chain);
+}
+
+void Image::validate_tables() {
+  const uint64_t fsize = fd_size(fd_.get());
+  auto check_range = [&](uint64_t off, uint64_t len, const char* what) {
+    if (off % cluster_size_ != 0) {
+      throw Qcow2Error(fmt::format("{} offset 0x{:x} is not cluster aligned", what, off));
+    }
+    if (off < cluster_size_) throw Qcow2Error(fmt::format("{} overlaps the qcow2 header", what));
+    if (off > fsize || len > fsize - off) {
+      throw Qcow2Error(
+          fmt::format("{} at 0x{:x} (+{} bytes) lies past the end of the file", what, off, len));
+    }
+  };
+  if (header_.size > kMaxVirtualSize) throw Qcow2Error("virtual size too large");
+  const uint64_t l1_needed = div_round_up(header_.size, cluster_size_ * l2_entries());
+  if (uint64_t(header_.l1_size) * 8 > kMaxL1Bytes) throw Qcow2Error("L1 table is too large");
+  if (header_.l1_size < l1_needed) throw Qcow2Error("L1 table is too small for the image size");
+  if (header_.l1_size > 0) check_range(header_.l1_table_offset, header_.l1_size * 8ull, "L1 table");
+
+  if (header_.refcount_table_clusters == 0) throw Qcow2Error("refcount table is empty");
+  const uint64_t rt_bytes = uint64_t(header_.refcount_table_clusters) * cluster_size_;
+  if (rt_bytes > kMaxRefcountTableBytes) throw Qcow2Error("refcount table is too large");
+  check_range(header_.refcount_table_offset, rt_bytes, "refcount table");
+
+  if (header_.nb_snapshots > kMaxSnapshots) throw Qcow2Error("too many snapshots");
+  if (header_.nb_snapshots > 0) check_range(header_.snapshots_offset, 0, "snapshot table");
+
+  std::vector<uint8_t> raw(header_.l1_size * 8ull);
+  pread_exact(fd_.get(), raw, header_.l1_table_offset, "L1 table");
+  l1_.resize(header_.l1_size);
+  for (size_t i = 0; i < l1_.size(); ++i) l1_[i] = load_be64(&raw[i * 8]);
+
+  raw.resize(rt_bytes);
+  pread_exact(fd_.get(), raw, header_.refcount_table_offset, "refcount table");
+  refcount_table_.resize(rt_bytes / 8);
+  for (size_t i = 0; i < refcount_table_.size(); ++i) {
+    refcount_table_[i] = load_be64(&raw[i * 8]);
+  }
+  free_hint_ = 1;
+  rebuild_metadata_set();
+}
+
+void Image::rebuild_metadata_set() {
+  refblock_clusters_.clear();
+  l2_clusters_.clear();
+  for (uint64_t e : refcount_table_) {
+    if (e & kOffsetMask) refblock_clusters_.insert(e & kOffsetMask);
+  }
+  for (uint64_t e : l1_) {
+    if (e & kOffsetMask) l2_clusters_.insert(e & kOffsetMask);
+  }
+}
+
+void Image::open_backing(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& chain) {
+  if (header_.backing_file.empty()) return;
+  const std::string bpath = resolve_backing_path(path_, header_.backing_file);
+  OpenOptions bopts = opts;
+  bopts.read_only = true;
+  bopts.format = backing_format();
+  if (bopts.format.empty()) bopts.format = probe_format(bpath);
+  if (bopts.format == "raw") {
+    backing_ = RawImage::open(bpath, true, opts.force_share);
+    return;
+  }
+  if (bopts.format != "qcow2") {
+    throw Qcow2Error(fmt::format("unsupported backing format '{}'", bopts.format));
+  }
+  auto img = std::unique_ptr<Image>(new Image());
+  img->path_ = bpath;
+  img->load(bopts, chain);
+  backing_ = std::move(img);
+}
+
+uint64_t Image::file_size() const { return fd_size(fd_.get()); }
+uint64_t Image::actual_size() const { return allocated_bytes(fd_.get()); }
+
+void Image::write_header() {
+  auto bytes = serialize_header(header_, cluster_size_);
+  bytes.resize(std::min<uint64_t>(cluster_size_, std::max<size_t>(bytes.size(), 4096)));
+  pwrite_all(fd_.get(), bytes, 0);
+}
+
+void Image::sync_file() {
+  if (unsafe_) return;
+  if (::fdatasync(fd_.get()) != 0) throw_errno("fdatasync");
+}
+
+// ---------------------------------------------------------------------------------------------
+// L2 tables
+
+bool Image::is_metadata(uint64_t host, bool with_l2) const {
+  if (host < cluster_size_) return true;
+  auto inside = [&](uint64_t off, uint64_t len) { return host >= off && host < off + len; };
+  if (inside(header_.l1_table_offset, header_.l1_size * 8ull)) return true;
+  if (inside(header_.refcount_table_offset,
+             uint64_t(header_.refcount_table_clusters) * cluster_size_)) {
+    return true;
+  }
+  const uint64_t cluster = host - host % cluster_size_;
+  return refblock_clusters_.count(cluster) != 0 || (with_l2 && l2_clusters_.count(cluster) != 0);
+}
+
+Image::L2Table* Image::load_l2(uint64_t offset) {
+  auto it = l2_index_.find(offset);
+  if (it != l2_index_.end()) {
+    l2_lru_.splice(l2_lru_.begin(), l2_lru_, it->second);
+    return &*it->second;
+  }
+  evict_l2_if_needed();
+  L2Table t;
+  t.offset = offset;
+  std::vector<uint8_t> raw(cluster_size_);
+  pread_exact(fd_.get(), raw, offset, "L2 table");
+  t.entries.resize(l2_entries());
+  for (size_t i = 0; i < t.entries.size(); ++i) t.entries[i] = load_be64(&raw[i * 8]);
+  l2_lru_.push_front(std::move(t));
+  l2_index_[offset] = l2_lru_.begin();
+  return &l2_lru_.front();
+}
+
+void Image::evict_l2_if_needed() {
+  while (l2_lru_.size() >= l2_capacity_) {
+    L2Table& victim = l2_lru_.back();
+    if (victim.dirty) {
+      // The table may point at clusters whose refcounts are still only in memory.
+      flush_refcounts();
+      write_l2(victim);
+    }
+    l2_index_.erase(victim.offset);
+    l2_lru_.pop_back();
+  }
+}
+
+void Image::write_l2(L2Table& t) {
+  std::vector<uint8_t> raw(cluster_size_);
+  for (size_t i = 0; i < t.entries.size(); ++i) store_be64(&raw[i * 8], t.entries[i]);
+  pwrite_all(fd_.get(), raw, t.offset);
+  t.dirty = false;
+}
+
+Image::L2Table* Image::get_l2(uint64_t l1_index, bool allocate) {
+  if (l1_index >= l1_.size()) throw Qcow2Error("guest offset beyond the L1 table");
+  const uint64_t l1e = l1_[l1_index];
+  const uint64_t off = l1e & kOffsetMask;
+  if (off != 0 && (allocate ? (l1e & kFlagCopied) : true)) {
+    if (off % cluster_size_ != 0 || is_metadata(off, false)) {
+      throw Qcow2Error(
+          fmt::format("L1 entry {} has an invalid L2 table offset 0x{:x}", l1_index, off));
+    }
+    return load_l2(off);
+  }
+  if (!allocate) return nullptr;
+  // New table, or copy-on-write of a table shared with a snapshot (L1 entry without COPIED).
+  std::vector<uint64_t> entries(l2_entries(), 0);
+  if (off != 0) entries = load_l2(off)->entries;
+  const uint64_t new_off = alloc_clusters(1);
+  l2_clusters_.insert(new_off);
+  evict_l2_if_needed();
+  l2_lru_.push_front(L2Table{new_off, std::move(entries), true});
+  l2_index_[new_off] = l2_lru_.begin();
+  if (off != 0) deferred_frees_.push_back(off);  // the old table stays in use by the snapshot
+  l1_[l1_index] = new_off | kFlagCopied;
+  l1_dirty_begin_ = std::min(l1_dirty_begin_, l1_index);
+  l1_dirty_end_ = std::max(l1_dirty_end_, l1_index + 1);
+  return &l2_lru_.front();
+}
+
+uint64_t Image::l2_entry(uint64_t guest_cluster) {
+  L2Table* t = get_l2(guest_cluster / l2_entries(), false);
+  return t ? t->entries[guest_cluster % l2_entries()] : 0;
+}
+
+void Image::set_l2_entry(uint64_t guest_cluster, uint64_t entry) {
+  L2Table* t = get_l2(guest_cluster / l2_entries(), true);
+  t->entries[guest_cluster % l2_entries()] = entry;
+  t->dirty = true;
+}
+
+void Image::check_data_offset(uint64_t host, uint64_t guest_offset) const {
+  if (host % cluster_size_ != 0 || is_metadata(host)) {
+    throw Qcow2Error(
+        fmt::format("L2 entry for guest offset 0x{:x} points at invalid host offset 0x{:x}",
+                    guest_offset, host));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading
+
+void Image::read(uint64_t offset, std::span<uint8_t> buf) {
+  std::lock_guard lock(mu_);
+  while (!buf.empty()) {
+    if (offset >= header_.size) {
+      std::memset(buf.data(), 0, buf.size());
+      return;
+    }
+    const uint64_t in_cluster = offset % cluster_size_;
+    const uint64_t n =
+        std::min<uint64_t>({buf.size(), cluster_size_ - in_cluster, header_.size - offset});
+    read_cluster_part(offset, buf.first(n));
+    offset += n;
+    buf = buf.subspan(n);
+  }
+}
+
+void Image::read_from_backing(uint64_t offset, std::span<uint8_t> buf) {
+  if (!backing_ || offset >= backing_->size()) {
+    std::memset(buf.data(), 0, buf.size());
+    return;
+  }
+  backing_->read(offset, buf);  // past its end reads as zeros
+}
+
+void Image::read_cluster_part(uint64_t offset, std::span<uint8_t> buf) {
+  const uint64_t entry = l2_entry(offset / cluster_size_);
+  const uint64_t in_cluster = offset % cluster_size_;
+  if (entry & kFlagCompressed) {
+    if (entry != last_compressed_entry_ || last_compressed_.empty()) {
+      read_compressed(entry, last_compressed_);
+      last_compressed_entry_ = entry;
+    }
+    std::memcpy(buf.data(), last_compressed_.data() + in_cluster, buf.size());
+    return;
+  }
+  const uint64_t host = entry & kOffsetMask;
+  if ((entry & kL2FlagZero) && header_.version >= 3) {
+    std::memset(buf.data(), 0, buf.size());
+    return;
+  }
+  if (host == 0) {
+    read_from_backing(offset, buf);
+    return;
+  }
+  check_data_offset(host, offset);
+  pread_zero_fill(fd_.get(), buf, host + in_cluster);
+}
+
+void Image::read_compressed(uint64_t entry, std::vector<uint8_t>& out) {
+  const uint32_t x = 62 - (header_.cluster_bits - 8);
+  const uint64_t coff = entry & ((1ull << x) - 1);
+  const uint64_t sectors = ((entry & ~kFlagCopied & ~kFlagCompressed) >> x) + 1;
+  const uint64_t end = (coff & ~511ull) + sectors * 512;
+  if (coff < cluster_size_ || coff > kOffsetMask) {
+    throw Qcow2Error(fmt::format("compressed cluster at invalid offset 0x{:x}", coff));
+  }
+  std::vector<uint8_t> in(end - coff);
+  pread_zero_fill(fd_.get(), in, coff);
+  out.assign(cluster_size_, 0);
+  bool ok = false;
+  if (header_.compression_type == CompressionType::kZlib) {
+    z_stream zs{};
+    if (inflateInit2(&zs, -15) != Z_OK) throw Qcow2Error("zlib init failed");
+    zs.next_in = in.data();
+    zs.avail_in = uInt(in.size());
+    zs.next_out = out.data();
+    zs.avail_out = uInt(out.size());
+    int rc = inflate(&zs, Z_FINISH);
+    // The stored size is rounded up to sectors, so trailing bytes after the stream are normal.
+    ok = (rc == Z_STREAM_END || rc == Z_BUF_ERROR || rc == Z_OK) && zs.avail_out == 0;
+    inflateEnd(&zs);
+  } else {
+    ZSTD_DCtx* dctx = ZSTD_createDCtx();
+    ZSTD_inBuffer zin{in.data(), in.size(), 0};
+    ZSTD_outBuffer zout{out.data(), out.size(), 0};
+    // Compressed data may be followed by padding: decode until the cluster is full.
+    while (zout.pos < zout.size) {
+      size_t rc = ZSTD_decompressStream(dctx, &zout, &zin);
+      if (ZSTD_isError(rc)) break;
+      if (zin.pos == zin.size && zout.pos < zout.size && rc != 0) break;
+      if (rc == 0 && zin.pos == zin.size) break;
+    }
+    ok = zout.pos == zout.size;
+    ZSTD_freeDCtx(dctx);
+  }
+  if (!ok) {
+    out.clear();
+    throw Qcow2Error(fmt::format("could not decompress cluster at host offset 0x{:x}", coff));
+  }
+}
+
+Extent Image::block_status(uint64_t offset, uint64_t length) {
+  std::lock_guard lock(mu_);
+  Extent e{offset, 0, ExtentKind::kUnallocated, 0};
+  if (offset >= header_.size) return {offset, length, ExtentKind::kZero, 0};
+  length = std::min(length, header_.size - offset);
+  uint64_t pos = offset;
+  uint64_t expected_host = 0;
+  while (pos < offset + length) {
+    const uint64_t entry = l2_entry(pos / cluster_size_);
+    ExtentKind kind;
+    uint64_t host = entry & kOffsetMask;
+    if (entry & kFlagCompressed) {
+      kind = ExtentKind::kCompressed;
+      host = 0;
+    } else if ((entry & kL2FlagZero) && header_.version >= 3) {
+      kind = ExtentKind::kZero;
+      host = 0;
+    } else if (host) {
+      kind = ExtentKind::kData;
+    } else {
+      kind = ExtentKind::kUnallocated;
+    }
+    const uint64_t n = std::min(cluster_size_ - pos % cluster_size_, offset + length - pos);
+    if (pos == offset) {
+      e.kind = kind;
+      e.host_offset = host ? host + pos % cluster_size_ : 0;
+    } else if (kind != e.kind || (kind == ExtentKind::kData && host != expected_host)) {
+      break;
+    }
+    expected_host = host + cluster_size_;
+    e.length += n;
+    pos += n;
+  }
+  return e;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing
+
+void Image::write(uint64_t offset, std::span<const uint8_t> buf) {
+  std::lock_guard lock(mu_);
+  if (read_only_) throw std::system_error(EROFS, std::generic_category(), "image is read-only");
+  if (offset > header_.size || buf.size() > header_.size - offset) {
+    throw std::system_error(EINVAL, std::generic_category(), "write past the end of the image");
+  }
+  while (!buf.empty()) {
+    const uint64_t n = std::min<uint64_t>(buf.size(), cluster_size_ - offset % cluster_size_);
+    write_cluster_part(offset, buf.first(n));
+    offset += n;
+    buf = buf.subspan(n);
+  }
+  data_dirty_ = true;
+}
+
+void Image::release_entry_later(uint64_t entry) {
+  if (entry & kFlagCompressed) {
+    deferred_frees_.push_back(entry);
+  } else if (entry & kOffsetMask) {
+    deferred_frees_.push_back(entry & kOffsetMask);
+  }
+}
+
+void Image::write_cluster_part(uint64_t offset, std::span<const uint8_t> buf) {
+  const uint64_t guest_cluster = offset / cluster_size_;
+  const uint64_t in_cluster = offset % cluster_size_;
+  const uint64_t entry = l2_entry(guest_cluster);
+  const uint64_t host = entry & kOffsetMask;
+  const bool zero_flag = (entry & kL2FlagZero) && header_.version >= 3;
+  const bool in_place = !(entry & kFlagCompressed) && host && (entry & kFlagCopied);
+  if (in_place) check_data_offset(host, offset);
+  if (in_place && !zero_flag) {
+    pwrite_all(fd_.get(), buf, host + in_cluster);
+    return;
+  }
+  // Copy-on-write: assemble the whole cluster unless the write covers it.
+  std::vector<uint8_t> whole;
+  std::span<const uint8_t> data = buf;
+  if (buf.size() != cluster_size_) {
+    whole.resize(cluster_size_);
+    const uint64_t cluster_start = guest_cluster * cluster_size_;
+    if (!zero_flag) read_cluster_part(cluster_start, whole);
+    std::memcpy(whole.data() + in_cluster, buf.data(), buf.size());
+    data = whole;
+  }
+  if (in_place) {  // preallocated zero cluster: reuse its host cluster
+    pwrite_all(fd_.get(), data, host);
+    set_l2_entry(guest_cluster, host | kFlagCopied);
+    return;
+  }
+  get_l2(guest_cluster / l2_entries(), true);  // table first: keeps data clusters contiguous
+  const uint64_t new_host = alloc_clusters(1);
+  pwrite_all(fd_.get(), data, new_host);
+  set_l2_entry(guest_cluster, new_host | kFlagCopied);
+  release_entry_later(entry);
+}
+
+void Image::write_compressed(uint64_t offset, std::span<const uint8_t> cluster) {
+  std::unique_lock lock(mu_);
+  if (read_only_) throw std::system_error(EROFS, std::generic_category(), "image is read-only");
+  if (offset % cluster_size_ != 0 || cluster.size() != cluster_size_ || offset >= header_.size) {
+    throw std::system_error(EINVAL, std::generic_category(), "compressed write must be a cluster");
+  }
+  std::vector<uint8_t> out(cluster_size_);
+  size_t out_len = 0;
+  if (header_.compression_type == CompressionType::kZlib) {
+    z_stream zs{};
+    if (deflateInit2(&zs, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) != Z_OK) {
+      throw Qcow2Error("zlib init failed");
+    }
+    zs.next_in = const_cast<uint8_t*>(cluster.data());
+    zs.avail_in = uInt(cluster.size());
+    zs.next_out = out.data();
+    zs.avail_out = uInt(out.size());
+    const int rc = deflate(&zs, Z_FINISH);
+    out_len = rc == Z_STREAM_END ? zs.total_out : 0;
+    deflateEnd(&zs);
+  } else {
+    const size_t rc = ZSTD_compress(out.data(), out.size(), cluster.data(), cluster.size(), 3);
+    out_len = ZSTD_isError(rc) ? 0 : rc;
+  }
+  const uint64_t guest_cluster = offset / cluster_size_;
+  const uint64_t old = l2_entry(guest_cluster);
+  if (out_len == 0 || out_len >= cluster_size_ - 512 || (old & ~kFlagCopied) != 0) {
+    lock.unlock();
+    write(offset, cluster);
+    return;
+  }
+  out.resize(out_len);
+  // Pack compressed data byte-wise: continue in the current partly used cluster if it fits.
+  uint64_t start = compressed_cursor_;
+  const uint64_t cs = cluster_size_;
+  if (start == 0 || start % cs + out_len > cs || get_refcount(start / cs) >= max_refcount()) {
+    const uint64_t clusters = div_round_up(out_len, cs);
+    start = alloc_clusters(clusters);
+    compressed_cursor_ = start + out_len;
+  } else {
+    set_refcount(start / cs, get_refcount(start / cs) + 1);
+    compressed_cursor_ = start + out_len;
+  }
+  if (compressed_cursor_ % cs == 0) compressed_cursor_ = 0;
+  // Sector-align the next blob's start as QEMU does, so descriptors stay simple.
+  if (compressed_cursor_) compressed_cursor_ = (compressed_cursor_ + 511) & ~511ull;
+  if (compressed_cursor_ % cs == 0) compressed_cursor_ = 0;
+  pwrite_all(fd_.get(), out, start);
+  const uint32_t x = 62 - (header_.cluster_bits - 8);
+  const uint64_t extra = ((start + out_len - 1) >> 9) - (start >> 9);
+  set_l2_entry(guest_cluster, kFlagCompressed | (extra << x) | start);
+  data_dirty_ = true;
+}
+
+void Image::zero_cluster(uint64_t guest_cluster, bool unmap) {
+  const uint64_t entry = l2_entry(guest_cluster);
+  if (header_.version < 3) {
+    // No zero flag: without a backing file an unallocated cluster reads as zeros.
+    if (!backing_) {
+      if (entry) set_l2_entry(guest_cluster, 0);
+      release_entry_later(entry);
+      return;
+    }
+    std::vector<uint8_t> zeros(cluster_size_, 0);
+    write_cluster_part(guest_cluster * cluster_size_, zeros);
+    return;
+  }
+  const uint64_t host = entry & kOffsetMask;
+  const bool keep = !unmap && !(entry & kFlagCompressed) && host && (entry & kFlagCopied);
+  if (keep) {
+    set_l2_entry(guest_cluster, host | kFlagCopied | kL2FlagZero);
+    return;
+  }
+  set_l2_entry(guest_cluster, kL2FlagZero);
+  release_entry_later(entry);
+}
+
+void Image::write_zeroes(uint64_t offset, uint64_t length, bool may_unmap) {
+  std::unique_lock lock(mu_);
+  if (read_only_) throw std::system_error(EROFS, std::generic_category(), "image is read-only");
+  if (offset > header_.size || length > header_.size - offset) {
+    throw std::system_error(EINVAL, std::generic_category(), "write past the end of the image");
+  }
+  const uint64_t end = offset + length;
+  while (offset < end) {
+    const uint64_t in_cluster = offset % cluster_size_;
+    const uint64_t n = std::min(end - offset, cluster_size_ - in_cluster);
+    if (n == cluster_size_ || (in_cluster == 0 && offset + n == header_.size)) {
+      zero_cluster(offset / cluster_size_, may_unmap);
+    } else {
+      std::vector<uint8_t> zeros(n, 0);
+      write_cluster_part(offset, zeros);
+    }
+    offset += n;
+  }
+  data_dirty_ = true;
+}
+
+void Image::discard(uint64_t offset, uint64_t length) {
+  std::lock_guard lock(mu_);
+  if (read_only_) throw std::system_error(EROFS, std::generic_category(), "image is read-only");
+  if (offset > header_.size || length > header_.size - offset) {
+    throw std::system_error(EINVAL, std::generic_category(), "discard past the end of the image");
+  }
+  // Only whole clusters can be given back; partial ones keep their data (discard is a hint).
+  uint64_t first = div_round_up(offset, cluster_size_);
+  uint64_t last = (offset + length) / cluster_size_;
+  if (offset + length == header_.size) last = div_round_up(header_.size, cluster_size_);
+  for (uint64_t c = first; c < last; ++c) {
+    const uint64_t entry = l2_entry(c);
+    if (entry == 0) continue;
+    // With a backing file, "unallocated" would expose the backing data: use zero clusters.
+    const uint64_t replacement = (backing_ && header_.version >= 3) ? kL2FlagZero : 0;
+    if (backing_ && header_.version < 3) continue;
+    set_l2_entry(c, replacement);
+    release_entry_later(entry);
+  }
+  data_dirty_ = true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flushing
+
+void Image::flush() {
+  std::lock_guard lock(mu_);
+  flush_locked();
+}
+
+void Image::flush_refcounts() {
+  bool wrote = false;
+  for (auto& [index, block] : refblocks_) {
+    if (!block.dirty) continue;
+    pwrite_all(fd_.get(), block.raw, refcount_table_[index] & kOffsetMask);
+    block.dirty = false;
+    wrote = true;
+  }
+  if (wrote || data_dirty_) sync_file();
+  data_dirty_ = false;
+  if (refcount_table_dirty_) {
+    std::vector<uint8_t> raw(refcount_table_.size() * 8);
+    for (size_t i = 0; i < refcount_table_.size(); ++i) store_be64(&raw[i * 8], refcount_table_[i]);
+    pwrite_all(fd_.get(), raw, header_.refcount_table_offset);
+    refcount_table_dirty_ = false;
+    sync_file();
+  }
+}
+
+void Image::flush_locked() {
+  if (read_only_) return;
+  flush_refcounts();
+  bool wrote_l2 = false;
+  for (auto& t : l2_lru_) {
+    if (!t.dirty) continue;
+    write_l2(t);
+    wrote_l2 = true;
+  }
+  if (wrote_l2) sync_file();
+  if (l1_dirty_begin_ < l1_dirty_end_) {
+    std::vector<uint8_t> raw((l1_dirty_end_ - l1_dirty_begin_) * 8);
+    for (uint64_t i = l1_dirty_begin_; i < l1_dirty_end_; ++i) {
+      store_be64(&raw[(i - l1_dirty_begin_) * 8], l1_[i]);
+    }
+    pwrite_all(fd_.get(), raw, header_.l1_table_offset + l1_dirty_begin_ * 8);
+    l1_dirty_begin_ = UINT64_MAX;
+    l1_dirty_end_ = 0;
+    sync_file();
+  }
+  if (!deferred_frees_.empty()) {
+    // Nothing on disk references these any more: their refcounts may drop now.
+    apply_deferred_frees();
+    flush_refcounts();
+  }
+}
+
+void Image::apply_deferred_frees() {
+  auto frees = std::move(deferred_frees_);
+  deferred_frees_.clear();
+  for (uint64_t item : frees) {
+    uint64_t begin, end;
+    if (item & kFlagCompressed) {
+      const uint32_t x = 62 - (header_.cluster_bits - 8);
+      const uint64_t coff = item & ((1ull << x) - 1);
+      const uint64_t sectors = ((item & ~kFlagCopied & ~kFlagCompressed) >> x) + 1;
+      begin = (coff & ~511ull) / cluster_size_;
+      end = div_round_up((coff & ~511ull) + sectors * 512, cluster_size_);
+    } else {
+      begin = item / cluster_size_;
+      end = begin + 1;
+    }
+    for (uint64_t c = begin; c < end; ++c) {
+      const uint64_t rc = get_refcount(c);
+      if (rc == 0) continue;  // already inconsistent; never underflow
+      set_refcount(c, rc - 1);
+      if (rc == 1) {
+        refblock_clusters_.erase(c * cluster_size_);
+        l2_clusters_.erase(c * cluster_size_);
+        free_hint_ = std::min(free_hint_, c);
+        if (compressed_cursor_ / cluster_size_ == c) compressed_cursor_ = 0;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refcounts
+
+uint64_t Image::max_refcount() const {
+  const uint32_t bits = refcount_bits();
+  return bits == 64 ? UINT64_MAX : (1ull << bits) - 1;
+}
+
+Image::RefBlock* Image::refblock(uint64_t block_index, bool create) {
+  auto it = refblocks_.find(block_index);
+  if (it != refblocks_.end()) return &it->second;
+  if (block_index >= refcount_table_.size()) return nullptr;
+  const uint64_t off = refcount_table_[block_index] & kOffsetMask;
+  if (off == 0) {
+    if (!create) return nullptr;
+    return &refblocks_[block_index];  // caller fills it
+  }
+  if (off % cluster_size_ != 0 || off < cluster_size_) {
+    throw Qcow2Error(
+        fmt::format("refcount block {} has an invalid offset 0x{:x}", block_index, off));
+  }
+  RefBlock b;
+  b.raw.resize(cluster_size_);
+  pread_exact(fd_.get(), b.raw, off, "refcount block");
+  return &(refblocks_[block_index] = std::move(b));
+}
+
+uint64_t Image::get_refcount(uint64_t cluster) {
+  const uint64_t per_block = refcount_block_entries();
+  RefBlock* b = refblock(cluster / per_block, false);
+  if (!b || b->raw.empty()) return 0;
+  const uint64_t i = cluster % per_block;
+  const uint32_t bits = refcount_bits();
+  const uint8_t* raw = b->raw.data();
+  switch (bits) {
+    case 1:
+    case 2:
+    case 4:
+      return (raw[i * bits / 8] >> (i * bits % 8)) & ((1u << bits) - 1);
+    case 8:
+      return raw[i];
+    case 16:
+      return load_be16(raw + i * 2);
+    case 32:
+      return load_be32(raw + i * 4);
+    default:
+      return load_be64(raw + i * 8);
+  }
+}
+
+void Image::set_refcount(uint64_t cluster, uint64_t value) {
+  if (value > max_refcount()) throw Qcow2Error("refcount overflow");
+  const uint64_t per_block = refcount_block_entries();
+  const uint64_t bi = cluster / per_block;
+  ensure_refcount_block(bi);
+  RefBlock* b = refblock(bi, false);
+  const uint64_t i = cluster % per_block;
+  const uint32_t bits = refcount_bits();
+  uint8_t* raw = b->raw.data();
+  switch (bits) {
+    case 1:
+    case 2:
+    case 4: {
+      const uint32_t shift = i * bits % 8;
+      const uint8_t mask = uint8_t(((1u << bits) - 1) << shift);
+      raw[i * bits / 8] = uint8_t((raw[i * bits / 8] & ~mask) | (value << shift));
+      break;
+    }
+    case 8:
+      raw[i] = uint8_t(value);
+      break;
+    case 16:
+      store_be16(raw + i * 2, uint16_t(value));
+      break;
+    case 32:
+      store_be32(raw + i * 4, uint32_t(value));
+      break;
+    default:
+      store_be64(raw + i * 8, value);
+  }
+  b->dirty = true;
+}
+
+bool Image::excluded(uint64_t cluster) const {
+  if (check_in_use_ && cluster < check_in_use_->size() && (*check_in_use_)[cluster] != 0) {
+    return true;
+  }
+  for (const auto& e : exclusions_) {
+    if (cluster >= e.begin && cluster < e.end) return true;
+  }
+  return false;
+}
+
+void Image::ensure_refcount_block(uint64_t bi) {
+  if (bi >= refcount_table_.size()) grow_refcount_table(bi);
+  if (refcount_table_[bi] & kOffsetMask) {
+    refblock(bi, false);
+    return;
+  }
+  const uint64_t per_block = refcount_block_entries();
+  // The block's whole range is free (no block = all zero refcounts), so normally the block can
+  // live in its own range and describe itself.
+  uint64_t place = 0;
+  for (uint64_t c = std::max<uint64_t>(1, bi * per_block); c < (bi + 1) * per_block; ++c) {
+    if (!excluded(c)) {
+      place = c;
+      break;
+    }
+  }
+  RefBlock fresh;
+  fresh.raw.assign(cluster_size_, 0);
+  fresh.dirty = true;
+  if (place != 0) {
+    refblocks_[bi] = std::move(fresh);
+    refcount_table_[bi] = place * cluster_size_;
+    refblock_clusters_.insert(place * cluster_size_);
+    refcount_table_dirty_ = true;
+    set_refcount(place, 1);
+    note_allocation(place);
+    return;
+  }
+  // Range entirely taken by the allocation in progress: put the block elsewhere.
+  const uint64_t off = alloc_clusters(1);
+  refblocks_[bi] = std::move(fresh);
+  refcount_table_[bi] = off;
+  refblock_clusters_.insert(off);
+  refcount_table_dirty_ = true;
+}
+
+void Image::grow_refcount_table(uint64_t bi) {
+  const uint64_t per_block = refcount_block_entries();
+  const uint64_t entries_per_cluster = cluster_size_ / 8;
+  uint64_t entries = std::max<uint64_t>(bi + 1, refcount_table_.size() * 3 / 2);
+  uint64_t clusters = 0, place = 0;
+  for (;;) {
+    clusters = div_round_up(entries, entries_per_cluster);
+    place = find_free_run(clusters);
+    // The table must also cover its own clusters and the blocks describing them.
+    const uint64_t last_needed = place + clusters + div_round_up(clusters, per_block) + 2;
+    if (last_needed / per_block < clusters * entries_per_cluster) break;
+    entries = last_needed / per_block + 1;
+  }
+  if (clusters * cluster_size_ > kMaxRefcountTableBytes) throw Qcow2Error("refcount table full");
+  const uint64_t old_offset = header_.refcount_table_offset;
+  const uint64_t old_clusters = header_.refcount_table_clusters;
+  refcount_table_.resize(clusters * entries_per_cluster, 0);
+  exclusions_.push_back({place, place + clusters});
+  for (uint64_t c = place; c < place + clusters; ++c) set_refcount(c, 1);
+  exclusions_.pop_back();
+  // Blocks first, then the new table, then the header that points at it.
+  header_.refcount_table_offset = place * cluster_size_;
+  header_.refcount_table_clusters = uint32_t(clusters);
+  refcount_table_dirty_ = true;
+  flush_refcounts();
+  write_header();
+  sync_file();
+  for (uint64_t c = old_offset / cluster_size_; c < old_offset / cluster_size_ + old_clusters;
+       ++c) {
+    const uint64_t rc = get_refcount(c);
+    if (rc) set_refcount(c, rc - 1);
+    free_hint_ = std::min(free_hint_, c);
+  }
+}
+
+uint64_t Image::find_free_run(uint64_t count) {
+  uint64_t start = std::max<uint64_t>(free_hint_, 1);
+  uint64_t run = 0;
+  for (uint64_t c = start;; ++c) {
+    if (get_refcount(c) != 0 || excluded(c)) {
+      run = 0;
+      start = c + 1;
+      continue;
+    }
+    if (++run == count) return start;
+  }
+}
+
+uint64_t Image::alloc_clusters(uint64_t count) {
+  const uint64_t first = find_free_run(count);
+  exclusions_.push_back({first, first + count});
+  for (uint64_t c = first; c < first + count; ++c) {
+    if (is_metadata(c * cluster_size_)) {
+      throw Qcow2Error("refcounts are corrupt: allocation would overwrite image metadata");
+    }
+    exclusions_.back().begin = c;  // c stays excluded until its refcount is set
+    set_refcount(c, 1);
+    note_allocation(c);
+  }
+  exclusions_.pop_back();
+  if (count == 1 || first == free_hint_) free_hint_ = first + count;
+  return first * cluster_size_;
+}
+
+}  // namespace kiln::block::qcow2

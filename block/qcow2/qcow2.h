@@ -1,0 +1,265 @@
+// qcow2 images: a synchronous, thread-safe Image (one mutex) plus the chain it reads through.
+// The asynchronous BlockDevice adapter lives in qcow2_device.h.
+//
+// Crash consistency: data clusters and metadata are kept in write-back caches and written in
+// dependency order by flush() (and on L2 cache eviction): data + refcount blocks, fdatasync,
+// refcount table, fdatasync, L2 tables, fdatasync, L1 table, fdatasync. A crash therefore leaves
+// at worst leaked clusters (refcount > references), never a reference to an unrefcounted cluster.
+// Clusters are freed only after the tables that stopped referencing them are on disk.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "base/unique_fd.h"
+#include "block/block_device.h"
+#include "block/qcow2/qcow2_format.h"
+
+namespace kiln::block::qcow2 {
+
+struct OpenOptions {
+  bool read_only = true;
+  CacheMode cache = CacheMode::kWriteback;
+  // Bytes of L2 tables kept in memory; 0 = enough to map the whole image, capped at 32 MiB.
+  uint64_t l2_cache_bytes = 0;
+  // qemu-img -U: take no locks, so an image another process writes can still be inspected.
+  bool force_share = false;
+  // Format of the top image: "" probes (qcow2 magic, else raw), "qcow2" or "raw".
+  std::string format;
+  // cache=unsafe (qemu-img convert's default): flush() still writes metadata in order but skips
+  // fdatasync, so nothing is durable until the OS writes it back.
+  bool unsafe = false;
+  // Worker threads of the BlockDevice adapter.
+  unsigned workers = 2;
+};
+
+struct CreateOptions {
+  uint64_t size = 0;
+  uint32_t cluster_size = 65536;
+  uint32_t version = 3;  // 2 = compat 0.10, 3 = compat 1.1
+  uint32_t refcount_bits = 16;
+  std::string backing_file;
+  std::string backing_format;
+  CompressionType compression_type = CompressionType::kZlib;
+  bool preallocate_metadata = false;
+  bool lazy_refcounts = false;
+};
+
+// What one guest range of one layer maps to.
+enum class ExtentKind { kUnallocated, kZero, kData, kCompressed };
+struct Extent {
+  uint64_t start = 0;
+  uint64_t length = 0;
+  ExtentKind kind = ExtentKind::kUnallocated;
+  uint64_t host_offset = 0;  // kData only
+};
+
+// A synchronous image of any format, as the chain sees it.
+class SyncImage {
+ public:
+  virtual ~SyncImage() = default;
+  virtual std::string format() const = 0;
+  virtual std::string path() const = 0;
+  virtual uint64_t size() const = 0;
+  // Bytes past size() read as zeros.
+  virtual void read(uint64_t offset, std::span<uint8_t> buf) = 0;
+  // Mapping of [offset, offset+length) in this layer only, starting at `offset`; returns one
+  // extent (possibly shorter than asked).
+  virtual Extent block_status(uint64_t offset, uint64_t length) = 0;
+  virtual SyncImage* backing() const { return nullptr; }
+  // Bytes the file occupies on disk (st_blocks * 512).
+  virtual uint64_t actual_size() const = 0;
+};
+
+// A raw file opened synchronously (used for raw backing files and as a kiln-img endpoint).
+class RawImage : public SyncImage {
+ public:
+  static std::unique_ptr<RawImage> open(const std::string& path, bool read_only, bool force_share);
+  static void create(const std::string& path, uint64_t size);
+  std::string format() const override { return "raw"; }
+  std::string path() const override { return path_; }
+  uint64_t size() const override { return size_; }
+  void read(uint64_t offset, std::span<uint8_t> buf) override;
+  void write(uint64_t offset, std::span<const uint8_t> buf);
+  Extent block_status(uint64_t offset, uint64_t length) override;
+  uint64_t actual_size() const override;
+  void flush();
+  int fd() const { return fd_.get(); }
+
+ private:
+  UniqueFd fd_;
+  std::string path_;
+  uint64_t size_ = 0;
+};
+
+struct CheckResult {
+  uint64_t corruptions = 0;
+  uint64_t leaks = 0;
+  uint64_t check_errors = 0;
+  uint64_t corruptions_fixed = 0;
+  uint64_t leaks_fixed = 0;
+  uint64_t allocated_clusters = 0;
+  uint64_t total_clusters = 0;
+  uint64_t fragmented_clusters = 0;
+  uint64_t compressed_clusters = 0;
+  uint64_t image_end_offset = 0;
+  std::vector<std::string> messages;  // one line per problem, qemu-img style
+};
+enum class RepairMode { kNone, kLeaks, kAll };
+
+class Image : public SyncImage {
+ public:
+  // Opens `path` and its whole backing chain. Throws Qcow2Error for malformed images and
+  // std::system_error for I/O and locking failures.
+  static std::unique_ptr<Image> open(const std::string& path, const OpenOptions& opts);
+  static void create(const std::string& path, const CreateOptions& opts);
+  ~Image() override;
+
+  std::string format() const override { return "qcow2"; }
+  std::string path() const override { return path_; }
+  uint64_t size() const override { return header_.size; }
+  uint64_t actual_size() const override;
+  void read(uint64_t offset, std::span<uint8_t> buf) override;
+  Extent block_status(uint64_t offset, uint64_t length) override;
+  SyncImage* backing() const override { return backing_.get(); }
+
+  void write(uint64_t offset, std::span<const uint8_t> buf);
+  // Whole, unallocated guest cluster written compressed (qemu-img convert -c); falls back to a
+  // normal write when the data does not shrink.
+  void write_compressed(uint64_t offset, std::span<const uint8_t> cluster);
+  void write_zeroes(uint64_t offset, uint64_t length, bool may_unmap);
+  void discard(uint64_t offset, uint64_t length);
+  void flush();
+  CheckResult check(RepairMode mode);
+
+  bool read_only() const { return read_only_; }
+  const Header& header() const { return header_; }
+  uint64_t cluster_size() const { return cluster_size_; }
+  uint32_t refcount_bits() const { return 1u << header_.refcount_order; }
+  std::string backing_format() const { return backing_format_of(header_); }
+
+ private:
+  struct L2Table {
+    uint64_t offset = 0;
+    std::vector<uint64_t> entries;
+    bool dirty = false;
+  };
+  struct RefBlock {
+    std::vector<uint8_t> raw;
+    bool dirty = false;
+  };
+  struct Exclusion {
+    uint64_t begin, end;  // cluster indexes being allocated but not yet refcounted
+  };
+
+  Image() = default;
+  void load(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& chain);
+  void validate_tables();
+  void open_backing(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& chain);
+  void write_header();
+  uint64_t file_size() const;
+
+  // Mapping.
+  uint64_t l2_entries() const { return cluster_size_ / 8; }
+  L2Table* get_l2(uint64_t l1_index, bool allocate);
+  L2Table* load_l2(uint64_t offset);
+  void evict_l2_if_needed();
+  void write_l2(L2Table& t);
+  uint64_t l2_entry(uint64_t guest_cluster);
+  void set_l2_entry(uint64_t guest_cluster, uint64_t entry);
+  void check_data_offset(uint64_t host, uint64_t guest_offset) const;
+  // Header, L1, refcount table or a refcount block; with_l2 adds the active L2 tables.
+  bool is_metadata(uint64_t host_cluster_offset, bool with_l2 = true) const;
+
+  // Reads/writes within one guest cluster.
+  void read_cluster_part(uint64_t offset, std::span<uint8_t> buf);
+  void read_compressed(uint64_t entry, std::vector<uint8_t>& out);
+  void read_from_backing(uint64_t offset, std::span<uint8_t> buf);
+  void write_cluster_part(uint64_t offset, std::span<const uint8_t> buf);
+  void zero_cluster(uint64_t guest_cluster, bool unmap);
+  void release_entry_later(uint64_t entry);
+
+  // Refcounts.
+  uint64_t refcount_block_entries() const { return cluster_size_ * 8 / refcount_bits(); }
+  uint64_t max_refcount() const;
+  RefBlock* refblock(uint64_t block_index, bool create);
+  uint64_t get_refcount(uint64_t cluster);
+  void set_refcount(uint64_t cluster, uint64_t value);
+  void ensure_refcount_block(uint64_t block_index);
+  void grow_refcount_table(uint64_t block_index);
+  bool excluded(uint64_t cluster) const;
+  uint64_t find_free_run(uint64_t count);
+  uint64_t alloc_clusters(uint64_t count);
+  void flush_refcounts();
+  void flush_locked();
+  void apply_deferred_frees();
+  void sync_file();
+
+  mutable std::mutex mu_;
+  UniqueFd fd_;
+  std::string path_;
+  bool read_only_ = true;
+  bool unsafe_ = false;
+  Header header_;
+  uint64_t cluster_size_ = 0;
+  std::unique_ptr<SyncImage> backing_;
+
+  std::vector<uint64_t> l1_;
+  uint64_t l1_dirty_begin_ = UINT64_MAX, l1_dirty_end_ = 0;
+  std::list<L2Table> l2_lru_;  // front = most recently used
+  std::unordered_map<uint64_t, std::list<L2Table>::iterator> l2_index_;
+  size_t l2_capacity_ = 16;
+
+  // Host offsets of refcount blocks and L2 tables: data must never be read from or written to
+  // them, whatever an untrusted L2 entry says.
+  std::unordered_set<uint64_t> refblock_clusters_, l2_clusters_;
+  void rebuild_metadata_set();
+
+  std::vector<uint64_t> refcount_table_;
+  bool refcount_table_dirty_ = false;
+  std::unordered_map<uint64_t, RefBlock> refblocks_;
+  uint64_t free_hint_ = 1;
+  std::vector<Exclusion> exclusions_;
+  std::vector<uint64_t>* check_in_use_ = nullptr;  // repair: references found by check
+  uint64_t compressed_cursor_ = 0;                 // next free byte in a compressed cluster
+  std::vector<uint64_t> deferred_frees_;           // L2 entries dropped, freed after flush
+  bool data_dirty_ = false;
+
+  uint64_t last_compressed_entry_ = 0;
+  std::vector<uint8_t> last_compressed_;
+
+  // Check (qcow2_check.cpp).
+  struct L2Ref {
+    uint64_t table_offset;  // 0 for the L1 entry itself
+    uint64_t index;
+    uint64_t entry;
+  };
+  CheckResult check_locked(std::vector<uint64_t>& refs, std::vector<L2Ref>& copied_errors);
+  void walk_l1(uint64_t l1_offset, uint64_t l1_size, bool active, std::vector<uint64_t>& refs,
+               CheckResult& r);
+  void add_refs(uint64_t offset, uint64_t length, std::vector<uint64_t>& refs, CheckResult& r,
+                const char* what);
+  void note_allocation(uint64_t cluster);
+  void repair(RepairMode mode, std::vector<uint64_t>& refs, const std::vector<L2Ref>& copied);
+};
+
+// Opens any supported image: qcow2 (with chain) or raw. `format` as in OpenOptions.
+std::unique_ptr<SyncImage> open_image(const std::string& path, const OpenOptions& opts);
+// "qcow2" if the file starts with the qcow2 magic, else "raw".
+std::string probe_format(const std::string& path);
+
+// Size given as a qemu-img size string ("1G", "512K", "10M", "1T", "4096", "1.5G").
+uint64_t parse_size(const std::string& text);
+
+}  // namespace kiln::block::qcow2

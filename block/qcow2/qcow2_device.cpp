@@ -1,0 +1,141 @@
+#include "block/qcow2/qcow2_device.h"
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+namespace kiln::block::qcow2 {
+namespace {
+
+// Maps an exception from the synchronous core to the negative errno the interface wants.
+int error_code_of(const std::exception_ptr& ep) {
+  try {
+    std::rethrow_exception(ep);
+  } catch (const std::system_error& e) {
+    return -e.code().value();
+  } catch (const std::bad_alloc&) {
+    return -ENOMEM;
+  } catch (...) {
+    return -EIO;  // malformed metadata met during the request
+  }
+}
+
+class Qcow2Device final : public BlockDevice {
+ public:
+  Qcow2Device(std::unique_ptr<Image> image, unsigned workers) : image_(std::move(image)) {
+    for (unsigned i = 0; i < std::max(1u, workers); ++i) {
+      threads_.emplace_back([this] { worker(); });
+    }
+  }
+  ~Qcow2Device() override {
+    drain();
+    {
+      std::lock_guard lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+  uint64_t size() const override { return image_->size(); }
+  bool read_only() const override { return image_->read_only(); }
+
+  void read(uint64_t offset, std::span<const iovec> iov, Completion done) override {
+    std::vector<iovec> v(iov.begin(), iov.end());
+    submit(std::move(done), [this, offset, v] {
+      uint64_t pos = offset;
+      for (const auto& e : v) {
+        image_->read(pos, {static_cast<uint8_t*>(e.iov_base), e.iov_len});
+        pos += e.iov_len;
+      }
+    });
+  }
+  void write(uint64_t offset, std::span<const iovec> iov, Completion done) override {
+    std::vector<iovec> v(iov.begin(), iov.end());
+    submit(std::move(done), [this, offset, v] {
+      uint64_t pos = offset;
+      for (const auto& e : v) {
+        image_->write(pos, {static_cast<const uint8_t*>(e.iov_base), e.iov_len});
+        pos += e.iov_len;
+      }
+    });
+  }
+  void flush(Completion done) override {
+    // "Every write completed before the call": completed writes are already in the image's
+    // caches, so flushing them now is enough even if other requests are still running.
+    submit(std::move(done), [this] { image_->flush(); });
+  }
+  void discard(uint64_t offset, uint64_t length, Completion done) override {
+    submit(std::move(done), [this, offset, length] { image_->discard(offset, length); });
+  }
+  void write_zeroes(uint64_t offset, uint64_t length, bool may_unmap, Completion done) override {
+    submit(std::move(done),
+           [this, offset, length, may_unmap] { image_->write_zeroes(offset, length, may_unmap); });
+  }
+  void drain() override {
+    std::unique_lock lock(mu_);
+    idle_cv_.wait(lock, [this] { return queue_.empty() && running_ == 0; });
+  }
+
+ private:
+  struct Request {
+    std::function<void()> work;
+    Completion done;
+  };
+
+  void submit(Completion done, std::function<void()> work) {
+    {
+      std::lock_guard lock(mu_);
+      queue_.push_back({std::move(work), std::move(done)});
+    }
+    cv_.notify_one();
+  }
+
+  void worker() {
+    for (;;) {
+      Request req;
+      {
+        std::unique_lock lock(mu_);
+        cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        req = std::move(queue_.front());
+        queue_.pop_front();
+        ++running_;
+      }
+      int result = 0;
+      try {
+        req.work();
+      } catch (...) {
+        result = error_code_of(std::current_exception());
+      }
+      if (req.done) req.done(result);
+      {
+        std::lock_guard lock(mu_);
+        --running_;
+      }
+      idle_cv_.notify_all();
+    }
+  }
+
+  std::unique_ptr<Image> image_;
+  std::mutex mu_;
+  std::condition_variable cv_, idle_cv_;
+  std::deque<Request> queue_;
+  unsigned running_ = 0;
+  bool stopping_ = false;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace
+
+std::unique_ptr<BlockDevice> open_qcow2_device(const std::string& path, const OpenOptions& opts) {
+  OpenOptions o = opts;
+  o.format = "qcow2";
+  return std::make_unique<Qcow2Device>(Image::open(path, o), opts.workers);
+}
+
+}  // namespace kiln::block::qcow2

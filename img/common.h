@@ -1,0 +1,49 @@
+// Shared pieces of the kiln-img subcommands (qemu-img compatible command line and output).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "block/qcow2/qcow2.h"
+
+namespace kiln::img {
+
+// A usage or argument error: printed as "kiln-img: <message>", exit status 1.
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Parses "-o a=b,c=d" (values may contain ",," for a literal comma, as in qemu-img).
+std::map<std::string, std::string> parse_options(const std::string& text);
+// qemu's size_to_str(): "388 KiB", "1 GiB".
+std::string human_size(uint64_t bytes);
+
+// Applies qcow2 "-o" options (create and convert share them).
+void apply_qcow2_options(const std::map<std::string, std::string>& opts,
+                         block::qcow2::CreateOptions& o, bool& compat_given);
+
+// Where a chain position comes from, as qemu-img map reports it.
+struct ChainStatus {
+  uint64_t start = 0, length = 0;
+  int depth = 0;
+  bool present = false, zero = true, data = false;
+  bool has_offset = false;
+  uint64_t offset = 0;
+  std::string file;
+};
+ChainStatus chain_status(block::qcow2::SyncImage& top, uint64_t offset, uint64_t length);
+
+block::qcow2::OpenOptions read_options(const std::string& fmt, bool force_share);
+
+int cmd_create(int argc, char** argv);
+int cmd_info(int argc, char** argv);
+int cmd_check(int argc, char** argv);
+int cmd_convert(int argc, char** argv);
+int cmd_map(int argc, char** argv);
+
+}  // namespace kiln::img

@@ -1,0 +1,106 @@
+// kiln-img: the image tool (qemu-img's job, same subcommands, options, output and exit codes).
+#include <fmt/format.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <system_error>
+
+#include "img/common.h"
+
+namespace kiln::img {
+
+std::map<std::string, std::string> parse_options(const std::string& text) {
+  std::map<std::string, std::string> out;
+  std::string item;
+  auto finish = [&] {
+    if (item.empty()) return;
+    const auto eq = item.find('=');
+    if (eq == std::string::npos) {
+      out[item] = "on";
+    } else {
+      out[item.substr(0, eq)] = item.substr(eq + 1);
+    }
+    item.clear();
+  };
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == ',') {
+      if (i + 1 < text.size() && text[i + 1] == ',') {
+        item += ',';
+        ++i;
+        continue;
+      }
+      finish();
+      continue;
+    }
+    item += text[i];
+  }
+  finish();
+  return out;
+}
+
+std::string human_size(uint64_t val) {
+  static const char* kSuffixes[] = {"", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"};
+  int exp = 0;
+  std::frexp(double(val) / (1000.0 / 1024.0), &exp);
+  int i = (exp - 1) / 10;
+  if (i < 0) i = 0;
+  if (i > 6) i = 6;
+  const uint64_t div = 1ull << (i * 10);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%0.3g %sB", double(val) / double(div), kSuffixes[i]);
+  return buf;
+}
+
+block::qcow2::OpenOptions read_options(const std::string& fmt, bool force_share) {
+  block::qcow2::OpenOptions o;
+  o.read_only = true;
+  o.force_share = force_share;
+  o.format = fmt;
+  return o;
+}
+
+namespace {
+
+void usage() {
+  std::puts(
+      "kiln-img: image tool compatible with qemu-img\n"
+      "usage: kiln-img [standard options] command [command options]\n\n"
+      "Command syntax:\n"
+      "  check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename\n"
+      "  create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-o options] filename [size]\n"
+      "  convert [-c] [-p] [-q] [-U] [-f fmt] [-O output_fmt] [-o options] filename "
+      "output_filename\n"
+      "  info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename\n"
+      "  map [-f fmt] [--output=ofmt] [-U] filename");
+}
+
+}  // namespace
+}  // namespace kiln::img
+
+int main(int argc, char** argv) {
+  using namespace kiln::img;
+  if (argc < 2) {
+    std::fputs("kiln-img: Not enough arguments\nTry 'kiln-img --help' for more information\n",
+               stderr);
+    return 1;
+  }
+  const std::string cmd = argv[1];
+  if (cmd == "-h" || cmd == "--help" || cmd == "help") {
+    usage();
+    return 0;
+  }
+  try {
+    if (cmd == "create") return cmd_create(argc - 1, argv + 1);
+    if (cmd == "info") return cmd_info(argc - 1, argv + 1);
+    if (cmd == "check") return cmd_check(argc - 1, argv + 1);
+    if (cmd == "convert") return cmd_convert(argc - 1, argv + 1);
+    if (cmd == "map") return cmd_map(argc - 1, argv + 1);
+    fmt::print(stderr, "kiln-img: Command not found: {}\n", cmd);
+    return 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "kiln-img: {}\n", e.what());
+    return 1;
+  }
+}

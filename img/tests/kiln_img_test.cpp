@@ -1,0 +1,240 @@
+// kiln-img against qemu-img: same JSON, same exit codes, images each tool reads from the other.
+#include <fmt/format.h>
+
+#include <nlohmann/json.hpp>
+
+#include "block/qcow2/qcow2.h"
+#include "block/qcow2/tests/test_util.h"
+
+namespace kiln::img {
+namespace {
+
+using block::qcow2::testing::must;
+using block::qcow2::testing::q;
+using block::qcow2::testing::read_file;
+using block::qcow2::testing::run;
+using block::qcow2::testing::TempDir;
+using block::qcow2::testing::write_file_at;
+using nlohmann::json;
+
+const std::string kImg = KILN_IMG_PATH;
+
+class KilnImgTest : public ::testing::Test {
+ protected:
+  void SetUp() override { block::qcow2::testing::require_qemu_tools(); }
+  // Runs the same subcommand through both tools from inside the temp dir.
+  std::pair<block::qcow2::testing::CommandResult, block::qcow2::testing::CommandResult> both(
+      const std::string& args) {
+    return {run(fmt::format("cd {} && {} {}", q(dir_.path()), kImg, args)),
+            run(fmt::format("cd {} && qemu-img {}", q(dir_.path()), args))};
+  }
+  std::string path(const std::string& name) { return dir_ / name; }
+  TempDir dir_;
+};
+
+TEST_F(KilnImgTest, InfoJsonAgreesWithQemu) {
+  must(fmt::format("cd {} && qemu-img create -q -f raw base.raw 3M", q(dir_.path())));
+  must(fmt::format("cd {} && qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 5M",
+                   q(dir_.path())));
+  must(
+      fmt::format("cd {} && qemu-img create -q -f qcow2 -o "
+                  "cluster_size=512,refcount_bits=1,compression_type=zstd,lazy_refcounts=on "
+                  "z.qcow2 7M",
+                  q(dir_.path())));
+  must(fmt::format("cd {} && qemu-img create -q -f qcow2 -b base.raw -F raw mid.qcow2",
+                   q(dir_.path())));
+  must(fmt::format("cd {} && qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 9M",
+                   q(dir_.path())));
+  must(fmt::format("qemu-io -c 'write -P 1 0 100k' {}", q(path("top.qcow2"))));
+  for (const char* name : {"base.raw", "v2.qcow2", "z.qcow2", "mid.qcow2", "top.qcow2"}) {
+    auto [kiln, qemu] = both(fmt::format("info --output=json {}", name));
+    ASSERT_EQ(kiln.status, 0) << kiln.out;
+    ASSERT_EQ(qemu.status, 0) << qemu.out;
+    EXPECT_EQ(json::parse(kiln.out), json::parse(qemu.out)) << name;
+    auto [kchain, qchain] = both(fmt::format("info --backing-chain --output=json {}", name));
+    EXPECT_EQ(json::parse(kchain.out), json::parse(qchain.out)) << name;
+    auto [khuman, qhuman] = both(fmt::format("info {}", name));
+    EXPECT_EQ(khuman.out, qhuman.out) << name;
+  }
+}
+
+TEST_F(KilnImgTest, CreatePrintsLikeQemuAndQemuAcceptsTheImage) {
+  const std::vector<std::string> cases = {
+      "create -f qcow2 a.qcow2 1G",
+      "create -f qcow2 -o cluster_size=4k,refcount_bits=1,compat=1.1 b.qcow2 100M",
+      "create -f qcow2 -o compat=0.10 c.qcow2 1.5G",
+      "create -f qcow2 -o compression_type=zstd,cluster_size=2M,refcount_bits=64 d.qcow2 3T",
+      "create -f qcow2 -o preallocation=metadata e.qcow2 4M",
+      "create -f qcow2 -b a.qcow2 -F qcow2 f.qcow2",
+      "create -f raw g.raw 10M",
+  };
+  for (const auto& c : cases) {
+    auto [kiln, qemu] = both(c);
+    ASSERT_EQ(kiln.status, 0) << c << "\n" << kiln.out;
+    ASSERT_EQ(qemu.status, 0) << c << "\n" << qemu.out;
+    EXPECT_EQ(kiln.out, qemu.out) << c;
+    // kiln's image (same name, recreated) must be accepted by qemu-img.
+    must(fmt::format("cd {} && {} {}", q(dir_.path()), kImg, c));
+  }
+  for (const char* n : {"a.qcow2", "b.qcow2", "c.qcow2", "d.qcow2", "e.qcow2", "f.qcow2"}) {
+    auto r = run(fmt::format("qemu-img check {}", q(path(n))));
+    EXPECT_EQ(r.status, 0) << n << "\n" << r.out;
+  }
+  // Metadata preallocation maps every cluster.
+  auto r = run(fmt::format("qemu-img map --output=json {}", q(path("e.qcow2"))));
+  EXPECT_NE(r.out.find("\"data\": true"), std::string::npos) << r.out;
+}
+
+TEST_F(KilnImgTest, CreateErrors) {
+  for (const char* args : {"create -f qcow2 x.qcow2 12X", "create -f qcow2 -o bogus=1 x.qcow2 1M",
+                           "create -f qcow2 -o cluster_size=1000 x.qcow2 1M",
+                           "create -f qcow2 -o compat=0.10,refcount_bits=1 x.qcow2 1M",
+                           "create -f qcow2 x.qcow2", "create -f bogus x.img 1M"}) {
+    auto [kiln, qemu] = both(args);
+    EXPECT_EQ(kiln.status, 1) << args << "\n" << kiln.out;
+    EXPECT_EQ(qemu.status, 1) << args;
+    EXPECT_NE(kiln.out.find("kiln-img: "), std::string::npos) << kiln.out;
+  }
+  must(fmt::format("qemu-img create -q -f qcow2 {} 1M", q(path("base.qcow2"))));
+  auto r =
+      run(fmt::format("cd {} && {} create -f qcow2 -b base.qcow2 y.qcow2", q(dir_.path()), kImg));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.out.find("Backing file specified without backing format"), std::string::npos);
+}
+
+TEST_F(KilnImgTest, CheckExitCodesAndRepairMatchQemu) {
+  // 64 KiB clusters: header 0, refcount table 0x10000, refcount block 0x20000, L1 0x30000,
+  // L2 0x40000, data 0x50000.
+  const std::string img = path("t.qcow2");
+  must(fmt::format("qemu-img create -q -f qcow2 {} 1M", q(img)));
+  must(fmt::format("qemu-io -c 'write -P 0x42 0 64k' {}", q(img)));
+  {
+    auto [kiln, qemu] = both("check --output=json t.qcow2");
+    EXPECT_EQ(kiln.status, 0);
+    EXPECT_EQ(json::parse(kiln.out), json::parse(qemu.out));
+    auto [kh, qh] = both("check t.qcow2");
+    EXPECT_EQ(kh.out, qh.out);
+  }
+  ASSERT_EQ(::truncate(img.c_str(), 0x80000), 0);
+  write_file_at(img, 0x20000 + 6 * 2, {0, 1});  // leaked cluster 6
+  std::vector<uint8_t> leaked = read_file(img);
+  {
+    auto [kiln, qemu] = both("check --output=json t.qcow2");
+    EXPECT_EQ(kiln.status, 3) << kiln.out;
+    EXPECT_EQ(qemu.status, 3);
+    auto kj = json::parse(kiln.out.substr(kiln.out.find('{')));
+    auto qj = json::parse(qemu.out.substr(qemu.out.find('{')));
+    EXPECT_EQ(kj, qj);
+    EXPECT_EQ(kj["leaks"], 1);
+  }
+  {
+    auto r = run(fmt::format("{} check -r leaks {}", kImg, q(img)));
+    EXPECT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("1 leaked clusters"), std::string::npos) << r.out;
+    EXPECT_EQ(run("qemu-img check " + q(img)).status, 0);
+  }
+  write_file_at(img, 0x20000 + 5 * 2, {0, 0});  // data cluster 5 now unrefcounted
+  {
+    auto [kiln, qemu] = both("check --output=json t.qcow2");
+    EXPECT_EQ(kiln.status, 2) << kiln.out;
+    EXPECT_EQ(qemu.status, 2);
+    auto kj = json::parse(kiln.out.substr(kiln.out.find('{')));
+    auto qj = json::parse(qemu.out.substr(qemu.out.find('{')));
+    EXPECT_EQ(kj["corruptions"], qj["corruptions"]);
+  }
+  EXPECT_EQ(run(fmt::format("{} check -r leaks {}", kImg, q(img))).status, 2);
+  {
+    auto r = run(fmt::format("{} check -r all --output=json {}", kImg, q(img)));
+    EXPECT_EQ(r.status, 0) << r.out;
+    EXPECT_GE(json::parse(r.out.substr(r.out.find('{')))["corruptions-fixed"].get<int>(), 1);
+    EXPECT_EQ(run("qemu-img check " + q(img)).status, 0);
+  }
+  must(fmt::format("qemu-img create -q -f raw {} 1M", q(path("r.raw"))));
+  auto [kraw, qraw] = both("check r.raw");
+  EXPECT_EQ(kraw.status, 63);
+  EXPECT_EQ(qraw.status, 63);
+}
+
+TEST_F(KilnImgTest, ConvertBothWays) {
+  const std::string raw = path("src.raw");
+  must(fmt::format("qemu-img create -q -f raw {} 8M", q(raw)));
+  must(
+      fmt::format("qemu-io -f raw -c 'write -P 0x61 0 1M' -c 'write -P 0x62 3000k 2M' "
+                  "-c 'write -P 0x63 7M 1k' {}",
+                  q(raw)));
+  must(
+      fmt::format("head -c 300000 /dev/urandom | dd of={} bs=1000 seek=5500 conv=notrunc "
+                  "iflag=fullblock status=none",
+                  q(raw)));
+  for (const char* opts : {"", "-o cluster_size=512,refcount_bits=64", "-c",
+                           "-c -o compression_type=zstd", "-o compat=0.10,cluster_size=2M"}) {
+    const std::string out = path("out.qcow2");
+    must(fmt::format("{} convert -O qcow2 {} {} {}", kImg, opts, q(raw), q(out)));
+    auto r = run("qemu-img check " + q(out));
+    EXPECT_EQ(r.status, 0) << opts << "\n" << r.out;
+    r = run(fmt::format("qemu-img compare -f raw -F qcow2 {} {}", q(raw), q(out)));
+    EXPECT_EQ(r.status, 0) << opts << "\n" << r.out;
+    // And back: kiln qcow2 -> raw equals the original.
+    must(fmt::format("{} convert -O raw {} {}", kImg, q(out), q(path("back.raw"))));
+    EXPECT_EQ(read_file(path("back.raw")), read_file(raw)) << opts;
+  }
+  // A qemu-made chain converted by kiln reads like qemu's own conversion.
+  must(fmt::format("cd {} && qemu-img create -q -f qcow2 -b src.raw -F raw top.qcow2",
+                   q(dir_.path())));
+  must(fmt::format("qemu-io -c 'write -P 0x71 100k 50k' -c 'write -z 0 64k' {}",
+                   q(path("top.qcow2"))));
+  must(fmt::format("{} convert -p -O raw {} {}", kImg, q(path("top.qcow2")), q(path("k.raw"))));
+  must(fmt::format("qemu-img convert -O raw {} {}", q(path("top.qcow2")), q(path("q.raw"))));
+  EXPECT_EQ(read_file(path("k.raw")), read_file(path("q.raw")));
+}
+
+TEST_F(KilnImgTest, MapJsonMatchesQemu) {
+  must(fmt::format("cd {} && qemu-img create -q -f qcow2 base.qcow2 4M", q(dir_.path())));
+  must(fmt::format("qemu-io -c 'write -P 1 0 192k' -c 'write -P 2 1M 64k' {}",
+                   q(path("base.qcow2"))));
+  must(fmt::format("cd {} && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2",
+                   q(dir_.path())));
+  must(
+      fmt::format("qemu-io -c 'write -P 3 64k 64k' -c 'write -z 1M 64k' -c 'write -P 4 3M 4k' "
+                  "{}",
+                  q(path("top.qcow2"))));
+  must(fmt::format("cd {} && qemu-img convert -c -O qcow2 base.qcow2 comp.qcow2", q(dir_.path())));
+  for (const char* name : {"base.qcow2", "top.qcow2", "comp.qcow2"}) {
+    auto [kiln, qemu] = both(fmt::format("map --output=json {}", name));
+    ASSERT_EQ(kiln.status, 0) << kiln.out;
+    EXPECT_EQ(kiln.out, qemu.out) << name;
+    auto [kh, qh] = both(fmt::format("map {}", name));
+    EXPECT_EQ(kh.status, qh.status) << name;
+    EXPECT_EQ(block::qcow2::testing::without_tool_errors(kh.out),
+              block::qcow2::testing::without_tool_errors(qh.out))
+        << name;
+  }
+}
+
+TEST_F(KilnImgTest, LockedImageNeedsForceShare) {
+  const std::string img = path("l.qcow2");
+  must(fmt::format("{} create -q -f qcow2 {} 1M", kImg, q(img)));
+  block::qcow2::OpenOptions o;
+  o.read_only = false;
+  auto writer = block::qcow2::Image::open(img, o);
+  auto r = run(fmt::format("{} info {}", kImg, q(img)));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.out.find("Failed to get shared \"write\" lock"), std::string::npos) << r.out;
+  EXPECT_EQ(run(fmt::format("{} info -U {}", kImg, q(img))).status, 0);
+  EXPECT_EQ(run(fmt::format("{} check -r all {}", kImg, q(img))).status, 1);
+}
+
+TEST_F(KilnImgTest, BadImageGivesCleanError) {
+  const std::string img = path("bad.qcow2");
+  must(fmt::format("qemu-img create -q -f qcow2 {} 1M", q(img)));
+  write_file_at(img, 36, {0x40, 0, 0, 0});  // absurd l1_size
+  auto r = run(fmt::format("{} info -f qcow2 {}", kImg, q(img)));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.out.find("kiln-img: L1 table is too large"), std::string::npos) << r.out;
+  r = run(fmt::format("{} info /nonexistent/x.qcow2", kImg));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.out.find("No such file"), std::string::npos) << r.out;
+}
+
+}  // namespace
+}  // namespace kiln::img
