@@ -25,6 +25,11 @@ bool Bus::remove(uint64_t base) {
   return ranges_.erase(base) > 0;
 }
 
+void Bus::clear() {
+  std::unique_lock lock(mutex_);
+  ranges_.clear();
+}
+
 std::shared_ptr<BusDevice> Bus::lookup(uint64_t addr, uint64_t size, uint64_t& offset) const {
   std::shared_lock lock(mutex_);
   auto it = ranges_.upper_bound(addr);

@@ -25,6 +25,8 @@ class Bus {
   void insert(std::shared_ptr<BusDevice> device, uint64_t base, uint64_t len);
   // Removes the device inserted at exactly `base`; returns whether there was one.
   bool remove(uint64_t base);
+  // Drops every device (teardown: devices must go while what they use still exists).
+  void clear();
 
   // Dispatches to the device covering the whole access. Returns false when none does:
   // reads then return all ones, as on real hardware, and writes are dropped.

@@ -57,5 +57,17 @@ TEST(Bus, RemoveFreesTheRange) {
   EXPECT_FALSE(bus.read(0x100, data));
 }
 
+TEST(Bus, ClearDropsEveryDevice) {
+  Bus bus;
+  auto dev = std::make_shared<Recorder>();
+  bus.insert(dev, 0x100, 0x10);
+  bus.insert(dev, 0x200, 0x10);
+  EXPECT_EQ(dev.use_count(), 3);
+  bus.clear();
+  EXPECT_EQ(dev.use_count(), 1);
+  uint8_t data[1];
+  EXPECT_FALSE(bus.read(0x200, data));
+}
+
 }  // namespace
 }  // namespace kiln::devices

@@ -121,10 +121,11 @@ std::shared_ptr<block::BlockDevice> open_disk(const DiskConfig& disk) {
   const auto cache = disk.cache == "none" ? block::CacheMode::kNone : block::CacheMode::kWriteback;
   try {
     if (disk.format == "qcow2") {
-      block::OpenOptions options;
+      block::qcow2::OpenOptions options;
       options.read_only = disk.read_only;
       options.cache = cache;
-      return block::open_qcow2_device(disk.path, options);
+      options.format = "qcow2";
+      return block::qcow2::open_qcow2_device(disk.path, options);
     }
     block::RawOptions options;
     options.read_only = disk.read_only;
@@ -291,7 +292,7 @@ x86::LoadedKernel Machine::Impl::load_kernel() {
   try {
     return x86::load_linux(*memory, kernel, initramfs, config.cmdline, rsdp);
   } catch (const x86::BootError& e) {
-    throw ConfigError(e.what());
+    throw ConfigError(fmt::format("cannot boot {}: {}", config.kernel, e.what()));
   }
 }
 
@@ -425,6 +426,12 @@ Machine::~Machine() {
   // the device thread before the devices go away.
   for (auto& [config, disk] : impl_->disks) disk->drain();
   impl_->device_loop.join_thread();
+  // The buses hold devices (PCI BARs hold virtio devices) that use the MSI allocator, the event
+  // loop and the VM: drop them first, while all of those still exist.
+  impl_->pio.clear();
+  impl_->mmio.clear();
+  impl_->virtio_devices.clear();
+  impl_->pci.reset();
 }
 
 StopEvent Machine::run() {

@@ -5,6 +5,7 @@
 #include <sys/prctl.h>
 
 #include <fmt/format.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <chrono>
@@ -151,6 +152,8 @@ int run_vm(const VmConfig& config) {
 
 int main(int argc, char** argv) {
   using namespace kiln::vmm;
+  // Diagnostics go to stderr: stdout is the guest's console.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("kiln"));
   spdlog::set_pattern("kiln: %^%l%$: %v");
   // KILN_LOG=debug|trace shows unclaimed (or all) device accesses; spdlog's own env loader
   // would also do, but one variable with kiln's name is what users look for.

@@ -102,7 +102,7 @@ class Errors(unittest.TestCase):
         self.expect_error([], "/nonexistent/vmlinuz", kernel="/nonexistent/vmlinuz")
 
     def test_file_that_is_not_a_kernel(self):
-        self.expect_error([], "--kernel", kernel="/etc/hostname")
+        self.expect_error([], "cannot boot /etc/hostname", kernel="/etc/hostname")
 
     def test_cmdline_too_long_for_the_kernel(self):
         self.expect_error(["--cmdline", "x" * 5000], "command line")
