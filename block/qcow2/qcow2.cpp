@@ -24,8 +24,11 @@ constexpr size_t kMaxChainDepth = 256;  // far beyond real use; bounds fds and r
 uint64_t div_round_up(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
 UniqueFd open_file(const std::string& path, bool read_only, CacheMode cache) {
-  int flags = (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
-  if (cache == CacheMode::kNone) flags |= O_DIRECT;
+  // CacheMode::kNone is accepted but not mapped to O_DIRECT: metadata I/O here uses unaligned
+  // buffers and sub-sector offsets (compressed clusters), which O_DIRECT would reject. Durability
+  // comes from the ordered fdatasync calls in flush() either way.
+  (void)cache;
+  const int flags = (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
   UniqueFd fd(::open(path.c_str(), flags));
   if (!fd) throw_errno(fmt::format("Could not open '{}'", path));
   return fd;
