@@ -139,10 +139,23 @@ int cmd_convert(int argc, char** argv) {
     if (!known_zero(*src, pos, n)) {
       auto data = std::span(buf).first(n);
       src->read(pos, data);
+      // Consecutive non-zero pieces go out as one write (compressed ones stay per cluster).
+      uint64_t run_start = 0, run_len = 0;
+      auto flush_run = [&] {
+        if (run_len) dst.write(pos + run_start, data.subspan(run_start, run_len));
+        run_len = 0;
+      };
       for (uint64_t off = 0; off < n; off += gran) {
         auto piece = data.subspan(off, std::min(gran, n - off));
-        if (!all_zero(piece)) dst.write(pos + off, piece);
+        if (all_zero(piece)) {
+          flush_run();
+          continue;
+        }
+        if (run_len == 0) run_start = off;
+        run_len += piece.size();
+        if (compress) flush_run();
       }
+      flush_run();
     }
     if (progress) {
       const int percent = int((pos + n) * 10000 / size);

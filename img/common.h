@@ -45,5 +45,6 @@ int cmd_info(int argc, char** argv);
 int cmd_check(int argc, char** argv);
 int cmd_convert(int argc, char** argv);
 int cmd_map(int argc, char** argv);
+int cmd_resize(int argc, char** argv);
 
 }  // namespace kiln::img

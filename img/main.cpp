@@ -73,7 +73,8 @@ void usage() {
       "  convert [-c] [-p] [-q] [-U] [-f fmt] [-O output_fmt] [-o options] filename "
       "output_filename\n"
       "  info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename\n"
-      "  map [-f fmt] [--output=ofmt] [-U] filename");
+      "  map [-f fmt] [--output=ofmt] [-U] filename\n"
+      "  resize [-f fmt] [--shrink] [-q] filename [+ | -]size");
 }
 
 }  // namespace
@@ -97,6 +98,7 @@ int main(int argc, char** argv) {
     if (cmd == "check") return cmd_check(argc - 1, argv + 1);
     if (cmd == "convert") return cmd_convert(argc - 1, argv + 1);
     if (cmd == "map") return cmd_map(argc - 1, argv + 1);
+    if (cmd == "resize") return cmd_resize(argc - 1, argv + 1);
     fmt::print(stderr, "kiln-img: Command not found: {}\n", cmd);
     return 1;
   } catch (const std::exception& e) {

@@ -24,8 +24,11 @@ constexpr size_t kMaxChainDepth = 256;  // far beyond real use; bounds fds and r
 uint64_t div_round_up(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
 UniqueFd open_file(const std::string& path, bool read_only, CacheMode cache) {
-  int flags = (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
-  if (cache == CacheMode::kNone) flags |= O_DIRECT;
+  // CacheMode::kNone is accepted but not mapped to O_DIRECT: metadata I/O here uses unaligned
+  // buffers and sub-sector offsets (compressed clusters), which O_DIRECT would reject. Durability
+  // comes from the ordered fdatasync calls in flush() either way.
+  (void)cache;
+  const int flags = (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
   UniqueFd fd(::open(path.c_str(), flags));
   if (!fd) throw_errno(fmt::format("Could not open '{}'", path));
   return fd;
@@ -687,6 +690,43 @@ void Image::discard(uint64_t offset, uint64_t length) {
 void Image::flush() {
   std::lock_guard lock(mu_);
   flush_locked();
+}
+
+void Image::resize(uint64_t new_size) {
+  std::lock_guard lock(mu_);
+  if (read_only_) throw std::system_error(EROFS, std::generic_category(), "image is read-only");
+  if (new_size < header_.size) throw Qcow2Error("qcow2 images can only grow");
+  if (new_size > kMaxVirtualSize) throw Qcow2Error("Image size too large");
+  flush_locked();
+  const uint64_t l1_needed = div_round_up(new_size, cluster_size_ * l2_entries());
+  if (l1_needed * 8 > kMaxL1Bytes) throw Qcow2Error("Image size too large for the L1 table");
+  if (l1_needed > l1_.size()) {
+    // New table elsewhere; the header switches to it only once it and its refcounts are on disk.
+    const uint64_t clusters = div_round_up(l1_needed * 8, cluster_size_);
+    const uint64_t new_offset = alloc_clusters(clusters);
+    std::vector<uint8_t> raw(clusters * cluster_size_, 0);
+    for (size_t i = 0; i < l1_.size(); ++i) store_be64(&raw[i * 8], l1_[i]);
+    pwrite_all(fd_.get(), raw, new_offset);
+    flush_refcounts();
+    sync_file();
+    const uint64_t old_offset = header_.l1_table_offset;
+    const uint64_t old_clusters = div_round_up(l1_.size() * 8, cluster_size_);
+    header_.l1_table_offset = new_offset;
+    header_.l1_size = uint32_t(l1_needed);
+    header_.size = new_size;
+    l1_.resize(l1_needed, 0);
+    write_header();
+    sync_file();
+    if (l1_.size() > 0 && old_offset != 0) {
+      for (uint64_t c = 0; c < old_clusters; ++c)
+        deferred_frees_.push_back(old_offset + c * cluster_size_);
+    }
+    flush_locked();
+    return;
+  }
+  header_.size = new_size;
+  write_header();
+  sync_file();
 }
 
 void Image::flush_refcounts() {

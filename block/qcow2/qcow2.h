@@ -141,6 +141,8 @@ class Image : public SyncImage {
   void write_zeroes(uint64_t offset, uint64_t length, bool may_unmap);
   void discard(uint64_t offset, uint64_t length);
   void flush();
+  // Grows the virtual size (shrinking is refused), relocating the L1 table when it must grow.
+  void resize(uint64_t new_size);
   CheckResult check(RepairMode mode);
 
   bool read_only() const { return read_only_; }

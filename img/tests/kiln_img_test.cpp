@@ -211,6 +211,28 @@ TEST_F(KilnImgTest, MapJsonMatchesQemu) {
   }
 }
 
+TEST_F(KilnImgTest, ResizeGrowsLikeQemu) {
+  // 512 B clusters: 1 MiB -> 101 MiB needs a bigger L1 table, which kiln relocates.
+  for (const char* tool : {"kiln", "qemu"}) {
+    const std::string img = path(std::string(tool) + ".qcow2");
+    must(fmt::format("qemu-img create -q -f qcow2 -o cluster_size=512 {} 1M", q(img)));
+    must(fmt::format("qemu-io -c 'write -P 0x33 0 100k' -c 'write -P 0x44 1000k 24k' {}", q(img)));
+    auto r = run(
+        fmt::format("{} resize {} +100M", tool == std::string("kiln") ? kImg : "qemu-img", q(img)));
+    EXPECT_EQ(r.status, 0) << r.out;
+    EXPECT_EQ(r.out, "Image resized.\n");
+    EXPECT_EQ(run("qemu-img check " + q(img)).status, 0);
+    must(fmt::format("qemu-io -c 'write -P 0x55 100M 1k' {}", q(img)));
+  }
+  must(fmt::format("qemu-img compare {} {}", q(path("kiln.qcow2")), q(path("qemu.qcow2"))));
+  auto [kiln, qemu] = both("resize kiln.qcow2 -1M");
+  EXPECT_EQ(kiln.status, 1);
+  EXPECT_EQ(qemu.status, 1);
+  must(fmt::format("qemu-img create -q -f raw {} 1M", q(path("r.raw"))));
+  must(fmt::format("{} resize -f raw {} 3M", kImg, q(path("r.raw"))));
+  EXPECT_EQ(read_file(path("r.raw")).size(), 3u << 20);
+}
+
 TEST_F(KilnImgTest, LockedImageNeedsForceShare) {
   const std::string img = path("l.qcow2");
   must(fmt::format("{} create -q -f qcow2 {} 1M", kImg, q(img)));

@@ -288,6 +288,54 @@ TEST(Device, AsyncWritesFlushAndReads) {
   EXPECT_EQ(run("qemu-img check " + q(img)).status, 0);
 }
 
+TEST(Snapshots, WritesCopyOnWriteClustersSharedWithASnapshot) {
+  testing::require_qemu_tools();
+  TempDir dir;
+  const std::string img = dir / "s.qcow2";
+  must(fmt::format("qemu-img create -q -f qcow2 {} 4M", q(img)));
+  must(fmt::format("qemu-io -c 'write -P 0x11 0 1M' {}", q(img)));
+  must(fmt::format("qemu-img snapshot -c snap1 {}", q(img)));
+  std::vector<uint8_t> expected(4 << 20, 0);
+  std::fill(expected.begin(), expected.begin() + (1 << 20), 0x11);
+  const std::vector<uint8_t> snapshot = expected;
+  {
+    OpenOptions o;
+    o.read_only = false;
+    auto image = Image::open(img, o);
+    std::vector<uint8_t> data(100000, 0x22);
+    image->write(30000, data);
+    std::copy(data.begin(), data.end(), expected.begin() + 30000);
+    image->write_zeroes(512 << 10, 128 << 10, true);
+    std::fill(expected.begin() + (512 << 10), expected.begin() + (640 << 10), 0);
+    image->flush();
+  }
+  auto r = run("qemu-img check " + q(img));
+  EXPECT_EQ(r.status, 0) << r.out;
+  must(fmt::format("qemu-img convert -O raw {} {}", q(img), q(dir / "cur.raw")));
+  EXPECT_EQ(read_file(dir / "cur.raw"), expected);
+  must(fmt::format("qemu-img convert -l snapshot.name=snap1 -O raw {} {}", q(img),
+                   q(dir / "snap.raw")));
+  EXPECT_EQ(read_file(dir / "snap.raw"), snapshot);
+  // kiln's own check counts the snapshot's references too.
+  auto kr = Image::open(img, OpenOptions{})->check(RepairMode::kNone);
+  EXPECT_EQ(kr.corruptions + kr.leaks, 0u);
+}
+
+TEST_F(RobustnessTest, DirtyImageIsRepairedWhenOpenedForWriting) {
+  ASSERT_EQ(::truncate(img_.c_str(), 0x80000), 0);
+  write_file_at(img_, 0x20000 + 6 * 2, {0, 1});  // leak, as a lazy-refcounts crash leaves
+  write_file_at(img_, 72, be64(kIncompatDirty));
+  write_file_at(img_, 80, be64(kCompatLazyRefcounts));
+  OpenOptions o;
+  o.read_only = false;
+  {
+    auto image = Image::open(img_, o);
+    EXPECT_EQ(image->header().incompatible_features & kIncompatDirty, 0u);
+  }
+  EXPECT_EQ(parse_header(read_file(img_)).incompatible_features & kIncompatDirty, 0u);
+  EXPECT_EQ(run("qemu-img check " + q(img_)).status, 0);
+}
+
 TEST(ReadOnly, WritesAreRefused) {
   TempDir dir;
   const std::string img = dir / "ro.qcow2";
