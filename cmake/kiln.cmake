@@ -7,6 +7,28 @@ function(kiln_add_unit_test name)
   target_link_libraries(${name} PRIVATE ${ARG_LIBS} GTest::gtest GTest::gtest_main GTest::gmock Threads::Threads)
   add_test(NAME ${name} COMMAND ${name})
   set_tests_properties(${name} PROPERTIES LABELS unit TIMEOUT 300)
+  set_property(GLOBAL APPEND PROPERTY KILN_UNIT_TESTS ${name})
+endfunction()
+
+# kiln_register_fuzzer(TARGET [CORPUS dir])
+#   Lists a libFuzzer executable (built only with KILN_FUZZ=ON and clang) so that
+#   `ninja fuzzers` builds them all and scripts/test runs each for a bounded time, from its seed
+#   corpus when it has one (build-fuzz/fuzzers.txt: one "binary corpus-or-empty" per line).
+function(kiln_register_fuzzer target)
+  cmake_parse_arguments(ARG "" "CORPUS" "" ${ARGN})
+  set_property(GLOBAL APPEND PROPERTY KILN_FUZZERS "$<TARGET_FILE:${target}> ${ARG_CORPUS}")
+  set_property(GLOBAL APPEND PROPERTY KILN_FUZZER_TARGETS ${target})
+endfunction()
+
+# Called once at the end of the top-level CMakeLists.txt.
+function(kiln_finish_targets)
+  get_property(unit_tests GLOBAL PROPERTY KILN_UNIT_TESTS)
+  add_custom_target(unit_tests DEPENDS ${unit_tests})
+  get_property(fuzzers GLOBAL PROPERTY KILN_FUZZERS)
+  get_property(fuzzer_targets GLOBAL PROPERTY KILN_FUZZER_TARGETS)
+  string(REPLACE ";" "\n" lines "${fuzzers}")
+  file(GENERATE OUTPUT ${PROJECT_BINARY_DIR}/fuzzers.txt CONTENT "${lines}\n")
+  add_custom_target(fuzzers DEPENDS ${fuzzer_targets})
 endfunction()
 
 # kiln_add_e2e_test(NAME COMMAND cmd... [TIMEOUT s])

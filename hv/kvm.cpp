@@ -5,19 +5,17 @@
 #include <linux/stddef.h>
 #undef __DECLARE_FLEX_ARRAY
 #define __DECLARE_FLEX_ARRAY(TYPE, NAME) TYPE NAME[]
-#include <linux/kvm.h>
-
-#include "hv/kvm.h"
-
 #include <fcntl.h>
+#include <fmt/format.h>
+#include <linux/kvm.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 
 #include <cerrno>
 #include <cstring>
-#include <fmt/format.h>
 
 #include "base/errors.h"
+#include "hv/kvm.h"
 
 static_assert(sizeof(kvm_cpuid2) == 8 && sizeof(kvm_msrs) == 8 && sizeof(kvm_irq_routing) == 8,
               "kvm uapi structs must have their C layout");
@@ -76,18 +74,20 @@ Kvm Kvm::open(const std::string& path) {
   if (fd < 0) {
     int err = errno;
     if (err == ENOENT)
-      throw HvError(fmt::format("{} does not exist: this host has no KVM (is the kvm module "
-                                "loaded and virtualization enabled in the firmware?)",
-                                path));
+      throw HvError(
+          fmt::format("{} does not exist: this host has no KVM (is the kvm module "
+                      "loaded and virtualization enabled in the firmware?)",
+                      path));
     if (err == EACCES || err == EPERM)
-      throw HvError(fmt::format("no permission to open {} (add yourself to the 'kvm' group)", path));
+      throw HvError(
+          fmt::format("no permission to open {} (add yourself to the 'kvm' group)", path));
     throw HvError(fmt::format("cannot open {}: {}", path, std::strerror(err)));
   }
   Kvm kvm{UniqueFd(fd)};
   int version = ::ioctl(fd, KVM_GET_API_VERSION, 0);
   if (version != KVM_API_VERSION)
-    throw HvError(fmt::format("{} speaks KVM API version {}, kiln needs {}", path, version,
-                              KVM_API_VERSION));
+    throw HvError(
+        fmt::format("{} speaks KVM API version {}, kiln needs {}", path, version, KVM_API_VERSION));
   return kvm;
 }
 
@@ -99,7 +99,8 @@ int Kvm::check_extension(int capability) const {
 void Kvm::require_capabilities() const {
   std::string missing;
   for (const Capability& cap : kRequired)
-    if (check_extension(cap.id) <= 0) missing += (missing.empty() ? "" : ", ") + std::string(cap.name);
+    if (check_extension(cap.id) <= 0)
+      missing += (missing.empty() ? "" : ", ") + std::string(cap.name);
   if (!missing.empty()) throw HvError("this KVM lacks capabilities kiln needs: " + missing);
 }
 
@@ -150,9 +151,7 @@ void Vm::map_memory(uint32_t slot, uint64_t gpa, uint64_t size, void* host, bool
   checked_ioctl(fd_.get(), KVM_SET_USER_MEMORY_REGION, &region, "KVM_SET_USER_MEMORY_REGION");
 }
 
-void Vm::create_irqchip() {
-  checked_ioctl(fd_.get(), KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP");
-}
+void Vm::create_irqchip() { checked_ioctl(fd_.get(), KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP"); }
 
 void Vm::create_pit() {
   kvm_pit_config config{};

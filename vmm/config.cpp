@@ -1,8 +1,8 @@
 #include "vmm/config.h"
 
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <CLI/CLI.hpp>
 #include <cctype>
 #include <fstream>
 #include <iostream>
@@ -55,11 +55,16 @@ void check_known_keys(const nlohmann::json& j, const std::set<std::string>& know
 
 std::string serial_to_string(const SerialConfig& s) {
   switch (s.mode) {
-    case SerialConfig::Mode::kStdio: return "stdio";
-    case SerialConfig::Mode::kPty: return "pty";
-    case SerialConfig::Mode::kFile: return "file:" + s.path;
-    case SerialConfig::Mode::kSocket: return "socket:" + s.path;
-    case SerialConfig::Mode::kOff: return "off";
+    case SerialConfig::Mode::kStdio:
+      return "stdio";
+    case SerialConfig::Mode::kPty:
+      return "pty";
+    case SerialConfig::Mode::kFile:
+      return "file:" + s.path;
+    case SerialConfig::Mode::kSocket:
+      return "socket:" + s.path;
+    case SerialConfig::Mode::kOff:
+      return "off";
   }
   return "off";
 }
@@ -76,11 +81,16 @@ uint64_t parse_memory_size(const std::string& text) {
   }
   std::string suffix = text.substr(used);
   uint64_t shift = 20;  // a bare number is MiB, as QEMU's -m
-  if (suffix == "K" || suffix == "k") shift = 10;
-  else if (suffix == "M" || suffix == "m" || suffix.empty()) shift = 20;
-  else if (suffix == "G" || suffix == "g") shift = 30;
-  else if (suffix == "T" || suffix == "t") shift = 40;
-  else throw ConfigError(fmt::format("invalid memory size '{}' (use e.g. 512M or 2G)", text));
+  if (suffix == "K" || suffix == "k")
+    shift = 10;
+  else if (suffix == "M" || suffix == "m" || suffix.empty())
+    shift = 20;
+  else if (suffix == "G" || suffix == "g")
+    shift = 30;
+  else if (suffix == "T" || suffix == "t")
+    shift = 40;
+  else
+    throw ConfigError(fmt::format("invalid memory size '{}' (use e.g. 512M or 2G)", text));
   if (number == 0 || number > (UINT64_MAX >> shift))
     throw ConfigError(fmt::format("invalid memory size '{}'", text));
   return uint64_t(number) << shift;
@@ -88,24 +98,37 @@ uint64_t parse_memory_size(const std::string& text) {
 
 SerialConfig parse_serial(const std::string& text) {
   SerialConfig s;
-  if (text == "stdio") s.mode = SerialConfig::Mode::kStdio;
-  else if (text == "pty") s.mode = SerialConfig::Mode::kPty;
-  else if (text == "off" || text == "none") s.mode = SerialConfig::Mode::kOff;
-  else if (text.starts_with("file:") && text.size() > 5) s = {SerialConfig::Mode::kFile, text.substr(5)};
-  else if (text.starts_with("socket:") && text.size() > 7) s = {SerialConfig::Mode::kSocket, text.substr(7)};
-  else throw ConfigError(fmt::format("invalid --serial '{}' (stdio|pty|file:PATH|socket:PATH|off)", text));
+  if (text == "stdio")
+    s.mode = SerialConfig::Mode::kStdio;
+  else if (text == "pty")
+    s.mode = SerialConfig::Mode::kPty;
+  else if (text == "off" || text == "none")
+    s.mode = SerialConfig::Mode::kOff;
+  else if (text.starts_with("file:") && text.size() > 5)
+    s = {SerialConfig::Mode::kFile, text.substr(5)};
+  else if (text.starts_with("socket:") && text.size() > 7)
+    s = {SerialConfig::Mode::kSocket, text.substr(7)};
+  else
+    throw ConfigError(
+        fmt::format("invalid --serial '{}' (stdio|pty|file:PATH|socket:PATH|off)", text));
   return s;
 }
 
 DiskConfig parse_disk(const std::string& text) {
   DiskConfig disk;
   for (const auto& [key, value] : split_options(text)) {
-    if (key == "path" || (key.empty() && disk.path.empty())) disk.path = value;
-    else if (key == "format") disk.format = value;
-    else if (key == "readonly") disk.read_only = parse_on_off("readonly", value);
-    else if (key == "cache") disk.cache = value;
-    else if (key == "serial") disk.serial = value;
-    else throw ConfigError(fmt::format("--disk: unknown option '{}'", key.empty() ? value : key));
+    if (key == "path" || (key.empty() && disk.path.empty()))
+      disk.path = value;
+    else if (key == "format")
+      disk.format = value;
+    else if (key == "readonly")
+      disk.read_only = parse_on_off("readonly", value);
+    else if (key == "cache")
+      disk.cache = value;
+    else if (key == "serial")
+      disk.serial = value;
+    else
+      throw ConfigError(fmt::format("--disk: unknown option '{}'", key.empty() ? value : key));
   }
   if (disk.path.empty()) throw ConfigError("--disk needs path=FILE");
   if (disk.format != "raw" && disk.format != "qcow2")
@@ -118,27 +141,40 @@ DiskConfig parse_disk(const std::string& text) {
 
 void VmConfig::validate() const {
   if (kernel.empty()) throw ConfigError("no kernel given (--kernel FILE)");
-  if (cpus == 0 || cpus > 254) throw ConfigError(fmt::format("--cpus {} is out of range (1-254)", cpus));
+  if (cpus == 0 || cpus > 254)
+    throw ConfigError(fmt::format("--cpus {} is out of range (1-254)", cpus));
   if (memory_bytes < (16ull << 20)) throw ConfigError("--memory must be at least 16M");
   if (cmdline.size() >= kMaxCmdline) throw ConfigError("--cmdline is too long");
   if (name.empty() || name.size() > 64) throw ConfigError("--name must be 1 to 64 characters");
 }
 
 void to_json(nlohmann::json& j, const VmConfig& c) {
-  j = {{"name", c.name}, {"kernel", c.kernel}, {"initramfs", c.initramfs},
-       {"cmdline", c.cmdline}, {"cpus", c.cpus}, {"memory", fmt::format("{}M", c.memory_bytes >> 20)},
-       {"serial", serial_to_string(c.serial)}, {"hugepages", c.hugepages},
-       {"prealloc", c.prealloc}, {"no_reboot", c.no_reboot}, {"rng", c.rng}, {"qmp", c.qmp}};
+  j = {{"name", c.name},
+       {"kernel", c.kernel},
+       {"initramfs", c.initramfs},
+       {"cmdline", c.cmdline},
+       {"cpus", c.cpus},
+       {"memory", fmt::format("{}M", c.memory_bytes >> 20)},
+       {"serial", serial_to_string(c.serial)},
+       {"hugepages", c.hugepages},
+       {"prealloc", c.prealloc},
+       {"no_reboot", c.no_reboot},
+       {"rng", c.rng},
+       {"qmp", c.qmp}};
   j["disks"] = nlohmann::json::array();
   for (const DiskConfig& d : c.disks)
-    j["disks"].push_back({{"path", d.path}, {"format", d.format}, {"readonly", d.read_only},
-                          {"cache", d.cache}, {"serial", d.serial}});
+    j["disks"].push_back({{"path", d.path},
+                          {"format", d.format},
+                          {"readonly", d.read_only},
+                          {"cache", d.cache},
+                          {"serial", d.serial}});
 }
 
 void from_json(const nlohmann::json& j, VmConfig& c) {
   if (!j.is_object()) throw ConfigError("config: the document must be a JSON object");
-  check_known_keys(j, {"name", "kernel", "initramfs", "cmdline", "cpus", "memory", "serial",
-                       "hugepages", "prealloc", "no_reboot", "disks", "rng", "qmp"},
+  check_known_keys(j,
+                   {"name", "kernel", "initramfs", "cmdline", "cpus", "memory", "serial",
+                    "hugepages", "prealloc", "no_reboot", "disks", "rng", "qmp"},
                    "the VM");
   if (j.contains("name")) c.name = get_field<std::string>(j, "name");
   if (j.contains("kernel")) c.kernel = get_field<std::string>(j, "kernel");
@@ -147,9 +183,12 @@ void from_json(const nlohmann::json& j, VmConfig& c) {
   if (j.contains("cpus")) c.cpus = get_field<uint32_t>(j, "cpus");
   if (j.contains("memory")) {
     const auto& m = j.at("memory");
-    if (m.is_string()) c.memory_bytes = parse_memory_size(m.get<std::string>());
-    else if (m.is_number_unsigned()) c.memory_bytes = parse_memory_size(std::to_string(m.get<uint64_t>()));
-    else throw ConfigError("config: 'memory' must be a size string or a number of MiB");
+    if (m.is_string())
+      c.memory_bytes = parse_memory_size(m.get<std::string>());
+    else if (m.is_number_unsigned())
+      c.memory_bytes = parse_memory_size(std::to_string(m.get<uint64_t>()));
+    else
+      throw ConfigError("config: 'memory' must be a size string or a number of MiB");
   }
   if (j.contains("serial")) c.serial = parse_serial(get_field<std::string>(j, "serial"));
   if (j.contains("hugepages")) c.hugepages = get_field<bool>(j, "hugepages");
@@ -165,7 +204,8 @@ void from_json(const nlohmann::json& j, VmConfig& c) {
       check_known_keys(d, {"path", "format", "readonly", "cache", "serial"}, "a disk");
       std::string text = "path=" + get_field<std::string>(d, "path");
       if (d.contains("format")) text += ",format=" + get_field<std::string>(d, "format");
-      if (d.contains("readonly")) text += get_field<bool>(d, "readonly") ? ",readonly=on" : ",readonly=off";
+      if (d.contains("readonly"))
+        text += get_field<bool>(d, "readonly") ? ",readonly=on" : ",readonly=off";
       if (d.contains("cache")) text += ",cache=" + get_field<std::string>(d, "cache");
       DiskConfig disk = parse_disk(text);
       if (d.contains("serial")) disk.serial = get_field<std::string>(d, "serial");
@@ -205,7 +245,8 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   auto* huge = app.add_flag("--hugepages", c.hugepages, "back RAM with 2 MiB hugepages");
   auto* pre = app.add_flag("--prealloc", c.prealloc, "allocate all RAM up front");
   auto* noreboot = app.add_flag("--no-reboot", c.no_reboot, "exit instead of rebooting");
-  auto* disk = app.add_option("--disk", disks, "path=F[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]");
+  auto* disk = app.add_option(
+      "--disk", disks, "path=F[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]");
   auto* rng = app.add_flag("--rng", c.rng, "virtio-rng device");
   auto* qmp = app.add_option("--qmp", c.qmp, "QMP socket: unix:PATH[,server]");
   auto* qmpfd = app.add_option("--qmp-fd", c.qmp_fd, "QMP on an inherited socket fd");

@@ -54,9 +54,11 @@ TEST(ParseDisk, ReadsOptionsAndRefusesUnknownOnes) {
 }
 
 TEST(CommandLine, ParsesEveryFlag) {
-  auto c = parse({"--kernel", "vmlinuz", "--initramfs", "ir.gz", "--cmdline", "console=ttyS0 quiet",
-                  "--cpus", "4", "--memory", "3G", "--serial", "off", "--name", "web1",
-                  "--hugepages", "--prealloc", "--no-reboot", "--disk", "path=d.img", "--rng"});
+  auto c = parse(
+      {"--kernel",   "vmlinuz", "--initramfs", "ir.gz",      "--cmdline",   "console=ttyS0 quiet",
+       "--cpus",     "4",       "--memory",    "3G",         "--serial",    "off",
+       "--name",     "web1",    "--hugepages", "--prealloc", "--no-reboot", "--disk",
+       "path=d.img", "--rng"});
   ASSERT_TRUE(c);
   EXPECT_EQ(c->kernel, "vmlinuz");
   EXPECT_EQ(c->initramfs, "ir.gz");
@@ -107,7 +109,8 @@ TEST(ConfigDocument, BadDocumentsAreConfigErrors) {
   EXPECT_THROW(parse({"--config", write("[1,2]")}), ConfigError);
   EXPECT_THROW(parse({"--config", write("{\"kernel\":\"k\",\"cpu\":2}")}), ConfigError);
   EXPECT_THROW(parse({"--config", write("{\"kernel\":\"k\",\"cpus\":\"two\"}")}), ConfigError);
-  EXPECT_THROW(parse({"--config", write("{\"kernel\":\"k\",\"disks\":[{\"path\":1}]}")}), ConfigError);
+  EXPECT_THROW(parse({"--config", write("{\"kernel\":\"k\",\"disks\":[{\"path\":1}]}")}),
+               ConfigError);
   EXPECT_THROW(parse({"--config", "/nonexistent/vm.json"}), ConfigError);
 }
 

@@ -1,6 +1,7 @@
 #include "vmm/console.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <poll.h>
 #include <pty.h>
 #include <sys/socket.h>
@@ -11,7 +12,6 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
-#include <fmt/format.h>
 #include <mutex>
 #include <thread>
 

@@ -1,33 +1,32 @@
 #include "vmm/machine.h"
 
+#include <fmt/format.h>
 #include <pthread.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
-#include <signal.h>
-
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
 
 #include <fstream>
 
 #include "arch/x86/acpi/acpi.h"
-#include "base/unique_fd.h"
 #include "arch/x86/boot.h"
 #include "arch/x86/cpuid.h"
 #include "base/event_loop.h"
+#include "base/unique_fd.h"
 #include "block/qcow2/qcow2_device.h"
 #include "block/raw/raw.h"
 #include "devices/bus.h"
-#include "devices/pci/pci_root.h"
-#include "devices/virtio/virtio_blk.h"
-#include "devices/virtio/virtio_pci.h"
-#include "devices/virtio/virtio_rng.h"
 #include "devices/legacy/acpi_pm.h"
 #include "devices/legacy/debug_exit.h"
 #include "devices/legacy/i8042.h"
 #include "devices/legacy/rtc.h"
 #include "devices/legacy/serial.h"
 #include "devices/legacy/sink.h"
+#include "devices/pci/pci_root.h"
+#include "devices/virtio/virtio_blk.h"
+#include "devices/virtio/virtio_pci.h"
+#include "devices/virtio/virtio_rng.h"
 #include "hv/kvm.h"
 #include "memory/guest_memory.h"
 
@@ -197,7 +196,8 @@ struct Machine::Impl {
   std::vector<std::atomic<int>> thread_ids;
   uint64_t paused_clock = 0;
 
-  Impl(const VmConfig& c, ConsoleIo io) : config(c), console(std::move(io)), kvm(hv::Kvm::open(c.kvm_device)) {}
+  Impl(const VmConfig& c, ConsoleIo io)
+      : config(c), console(std::move(io)), kvm(hv::Kvm::open(c.kvm_device)) {}
 
   void build();
   void check_host_limits();
@@ -219,8 +219,8 @@ void Machine::Impl::check_host_limits() {
   kvm.require_capabilities();
   int max_vcpus = kvm.max_vcpus();
   if (max_vcpus > 0 && config.cpus > uint32_t(max_vcpus))
-    throw ConfigError(fmt::format("--cpus {}: this host's KVM allows at most {} vCPUs", config.cpus,
-                                  max_vcpus));
+    throw ConfigError(
+        fmt::format("--cpus {}: this host's KVM allows at most {} vCPUs", config.cpus, max_vcpus));
   uint64_t limit = host_memory_limit();
   if (limit && config.memory_bytes > limit)
     throw ConfigError(fmt::format("--memory {}M is more than this host has ({}M of RAM and swap)",
@@ -249,8 +249,10 @@ void Machine::Impl::create_devices() {
                post_stop({StopReason::kDebugExit, code, "guest wrote the debug-exit port"});
              }),
              DebugExit::kPort, DebugExit::kLength);
-  AcpiPm::Callbacks power{[this] { post_stop({StopReason::kPowerOff, 0, "guest powered off"}); },
-                         reset};
+  AcpiPm::Callbacks power{[this] {
+                            post_stop({StopReason::kPowerOff, 0, "guest powered off"});
+                          },
+                          reset};
   acpi_pm = std::make_shared<AcpiPm>(std::make_shared<KvmIrqLine>(*vm, kSciIrq), power);
   pio.insert(acpi_pm, AcpiPm::kBase, AcpiPm::kLength);
   insert_quiet_ports(pio);
@@ -287,7 +289,8 @@ void Machine::Impl::create_pci_devices() {
 x86::LoadedKernel Machine::Impl::load_kernel() {
   auto kernel = read_file_or_config_error(config.kernel, "--kernel");
   std::vector<uint8_t> initramfs;
-  if (!config.initramfs.empty()) initramfs = read_file_or_config_error(config.initramfs, "--initramfs");
+  if (!config.initramfs.empty())
+    initramfs = read_file_or_config_error(config.initramfs, "--initramfs");
   uint64_t rsdp = acpi::write_acpi_tables(*memory, {config.cpus, true});
   try {
     return x86::load_linux(*memory, kernel, initramfs, config.cmdline, rsdp);
@@ -352,15 +355,20 @@ bool Machine::Impl::handle_exit(hv::Vcpu& vcpu, const hv::VcpuExit& exit) {
       vcpu.set_immediate_exit(false);
       return true;
     case Kind::kSystemEvent:
-      if (exit.code == 1) post_stop({StopReason::kPowerOff, 0, "guest powered off"});
-      else if (exit.code == 2) post_stop({StopReason::kReset, 0, "guest reset"});
-      else post_stop({StopReason::kFatal, 0, fmt::format("guest crashed (system event {})", exit.code)});
+      if (exit.code == 1)
+        post_stop({StopReason::kPowerOff, 0, "guest powered off"});
+      else if (exit.code == 2)
+        post_stop({StopReason::kReset, 0, "guest reset"});
+      else
+        post_stop(
+            {StopReason::kFatal, 0, fmt::format("guest crashed (system event {})", exit.code)});
       return false;
     case Kind::kShutdown:
       post_stop({StopReason::kFatal, 0, "triple fault\n" + vcpu.describe_registers()});
       return false;
     case Kind::kHalt:
-      post_stop({StopReason::kFatal, 0, "vCPU halted with interrupts off\n" + vcpu.describe_registers()});
+      post_stop(
+          {StopReason::kFatal, 0, "vCPU halted with interrupts off\n" + vcpu.describe_registers()});
       return false;
     default:
       post_stop({StopReason::kFatal, 0,

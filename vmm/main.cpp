@@ -1,17 +1,16 @@
 // kiln: the VMM executable. Parses the config, builds a Machine, runs it, and maps how it ended to
 // an exit status: 0 guest powered off (or quit), 2 a user error, 3 the guest crashed the vCPU
 // (triple fault, KVM internal error), 1 a host failure; a debug-exit byte is returned as is.
-#include <signal.h>
-#include <sys/prctl.h>
-
 #include <fmt/format.h>
+#include <signal.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <sys/prctl.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <atomic>
 #include <functional>
 #include <memory>
 #include <thread>
@@ -157,7 +156,8 @@ int main(int argc, char** argv) {
   spdlog::set_pattern("kiln: %^%l%$: %v");
   // KILN_LOG=debug|trace shows unclaimed (or all) device accesses; spdlog's own env loader
   // would also do, but one variable with kiln's name is what users look for.
-  if (const char* level = std::getenv("KILN_LOG")) spdlog::set_level(spdlog::level::from_str(level));
+  if (const char* level = std::getenv("KILN_LOG"))
+    spdlog::set_level(spdlog::level::from_str(level));
   sigset_t signals = block_termination_signals();
   std::optional<VmConfig> config;
   try {

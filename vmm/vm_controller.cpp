@@ -9,13 +9,17 @@ using control::ShutdownCause;
 
 ShutdownCause cause_of(StopOrigin origin, ShutdownCause guest_cause) {
   switch (origin) {
-    case StopOrigin::kGuest: return guest_cause;
+    case StopOrigin::kGuest:
+      return guest_cause;
     case StopOrigin::kHostQmp:
       return guest_cause == ShutdownCause::kGuestReset ? ShutdownCause::kHostQmpSystemReset
-                                                        : ShutdownCause::kHostQmpQuit;
-    case StopOrigin::kHostSignal: return ShutdownCause::kHostSignal;
-    case StopOrigin::kHostUi: return ShutdownCause::kHostUi;
-    case StopOrigin::kHostError: return ShutdownCause::kHostError;
+                                                       : ShutdownCause::kHostQmpQuit;
+    case StopOrigin::kHostSignal:
+      return ShutdownCause::kHostSignal;
+    case StopOrigin::kHostUi:
+      return ShutdownCause::kHostUi;
+    case StopOrigin::kHostError:
+      return ShutdownCause::kHostError;
   }
   return guest_cause;
 }
@@ -50,8 +54,8 @@ void VmController::machine_stopped(const StopEvent& event) {
   const bool guest = event.origin == StopOrigin::kGuest;
   switch (event.reason) {
     case StopReason::kReset:
-      emit("RESET", control::shutdown_event_data(
-                        guest, cause_of(event.origin, ShutdownCause::kGuestReset)));
+      emit("RESET",
+           control::shutdown_event_data(guest, cause_of(event.origin, ShutdownCause::kGuestReset)));
       if (!config_.no_reboot) return;
       emit("SHUTDOWN", control::shutdown_event_data(guest, ShutdownCause::kGuestReset));
       break;
@@ -142,8 +146,7 @@ void VmController::system_reset() {
 
 void VmController::quit() {
   std::lock_guard lock(mutex_);
-  if (machine_)
-    machine_->request_stop({StopReason::kQuit, 0, "quit by QMP", StopOrigin::kHostQmp});
+  if (machine_) machine_->request_stop({StopReason::kQuit, 0, "quit by QMP", StopOrigin::kHostQmp});
 }
 
 bool VmController::balloon(uint64_t) {

@@ -5,9 +5,8 @@
 
 #include <functional>
 #include <mutex>
-#include <string_view>
-
 #include <nlohmann/json.hpp>
+#include <string_view>
 
 #include "control/vm_control.h"
 #include "vmm/config.h"
