@@ -78,7 +78,7 @@ class Boot(unittest.TestCase):
         self.assertEqual(run.wait(60), 0, run.stderr)
         self.assertIn("kvm-clock", run.console())
         self.assertGreater(t1 - t0, 1.8)
-        self.assertLess(t1 - t0, 3.5)
+        self.assertLess(t1 - t0, 4.5)  # generous: a loaded nested host delays console output
 
     def test_debug_exit_port_sets_the_exit_status(self):
         run, rc = run_script("printf '\\x2a' | dd of=/dev/port bs=1 seek=$((0x501)) 2>/dev/null")
