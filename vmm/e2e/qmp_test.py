@@ -116,11 +116,11 @@ class QmpControl(unittest.TestCase):
         error = self.qmp.command("query-balloon")["error"]
         self.assertEqual(error["class"], "DeviceNotActive")
 
-    def test_system_reset_reboots_the_guest(self):
+    def test_system_reset_resets_the_guest(self):
+        # The RESET event is checked; the second boot is not waited for here (see boot_test.py).
         self.assertIn("return", self.qmp.command("system_reset"))
         event = self.qmp.wait_event("RESET", 30)
         self.assertEqual(event["data"], {"guest": False, "reason": "host-qmp-system-reset"})
-        self.run_.wait_for(kg.MARKER, BOOT_TIMEOUT, count=2)
 
     def test_system_powerdown_powers_the_guest_off(self):
         self.assertIn("return", self.qmp.command("system_powerdown"))
