@@ -164,6 +164,12 @@ std::vector<uint8_t> read_file_or_config_error(const std::string& path, const ch
   }
 }
 
+// QMP names of the i-th disk, shared by query-block and query-blockstats.
+std::string disk_device_name(size_t index) { return fmt::format("disk{}", index); }
+std::string disk_qdev_path(size_t index) {
+  return fmt::format("/machine/peripheral-anon/device[{}]/virtio-backend", index);
+}
+
 }  // namespace
 
 struct Machine::Impl {
@@ -183,7 +189,12 @@ struct Machine::Impl {
   std::unique_ptr<devices::pci::BusBarMapper> bar_mapper;
   std::unique_ptr<devices::pci::PciRoot> pci;
   std::vector<std::shared_ptr<devices::virtio::VirtioPciDevice>> virtio_devices;
-  std::vector<std::pair<DiskConfig, std::shared_ptr<block::BlockDevice>>> disks;
+  struct AttachedDisk {
+    DiskConfig config;
+    std::shared_ptr<block::BlockDevice> backend;
+    std::shared_ptr<devices::virtio::VirtioBlock> device;
+  };
+  std::vector<AttachedDisk> disks;
   std::vector<std::unique_ptr<hv::Vcpu>> vcpus;
   std::vector<std::thread> threads;
 
@@ -279,8 +290,9 @@ void Machine::Impl::create_pci_devices() {
     block.serial = disk.serial;
     block.read_only = disk.read_only;
     block.num_queues = uint16_t(config.cpus);  // one queue per vCPU
-    add_virtio(std::make_shared<virtio::VirtioBlock>(backend, block));
-    disks.emplace_back(disk, backend);
+    auto device = std::make_shared<virtio::VirtioBlock>(backend, block);
+    add_virtio(device);
+    disks.push_back({disk, backend, device});
   }
   if (config.rng) add_virtio(std::make_shared<virtio::VirtioRng>());
   device_loop.start_thread();
@@ -432,7 +444,7 @@ Machine::~Machine() {
     if (t.joinable()) t.join();
   // Requests in flight complete into guest memory and device queues: let them land, then stop
   // the device thread before the devices go away.
-  for (auto& [config, disk] : impl_->disks) disk->drain();
+  for (auto& disk : impl_->disks) disk.backend->drain();
   impl_->device_loop.join_thread();
   // The buses hold devices (PCI BARs hold virtio devices) that use the MSI allocator, the event
   // loop and the VM: drop them first, while all of those still exist.
@@ -498,10 +510,11 @@ bool Machine::paused() const {
 std::vector<control::BlockInfo> Machine::block_info() const {
   std::vector<control::BlockInfo> blocks;
   for (size_t i = 0; i < impl_->disks.size(); ++i) {
-    const auto& [disk, backend] = impl_->disks[i];
+    const DiskConfig& disk = impl_->disks[i].config;
+    const auto& backend = impl_->disks[i].backend;
     control::BlockInfo info;
-    info.device = fmt::format("disk{}", i);
-    info.qdev = fmt::format("/machine/peripheral-anon/device[{}]/virtio-backend", i);
+    info.device = disk_device_name(i);
+    info.qdev = disk_qdev_path(i);
     info.io_status = "ok";
     control::BlockMedium medium;
     medium.file = disk.path;
@@ -513,6 +526,38 @@ std::vector<control::BlockInfo> Machine::block_info() const {
     blocks.push_back(std::move(info));
   }
   return blocks;
+}
+
+std::vector<control::BlockStats> Machine::block_stats() const {
+  std::vector<control::BlockStats> list;
+  for (size_t i = 0; i < impl_->disks.size(); ++i) {
+    const auto& m = impl_->disks[i].device->metrics();
+    control::BlockStats stats;
+    stats.device = disk_device_name(i);
+    stats.qdev = disk_qdev_path(i);
+    stats.rd_bytes = m.read_acct.bytes;
+    stats.wr_bytes = m.write_acct.bytes;
+    stats.unmap_bytes = m.unmap_acct.bytes;
+    stats.rd_operations = m.read_acct.operations;
+    stats.wr_operations = m.write_acct.operations;
+    stats.flush_operations = m.flush_acct.operations;
+    stats.unmap_operations = m.unmap_acct.operations;
+    stats.rd_total_time_ns = m.read_acct.total_time_ns;
+    stats.wr_total_time_ns = m.write_acct.total_time_ns;
+    stats.flush_total_time_ns = m.flush_acct.total_time_ns;
+    stats.unmap_total_time_ns = m.unmap_acct.total_time_ns;
+    stats.wr_highest_offset = m.wr_highest_offset;
+    stats.failed_rd_operations = m.read_acct.failed;
+    stats.failed_wr_operations = m.write_acct.failed;
+    stats.failed_flush_operations = m.flush_acct.failed;
+    stats.failed_unmap_operations = m.unmap_acct.failed;
+    stats.invalid_rd_operations = m.read_acct.invalid;
+    stats.invalid_wr_operations = m.write_acct.invalid;
+    stats.invalid_flush_operations = m.flush_acct.invalid;
+    stats.invalid_unmap_operations = m.unmap_acct.invalid;
+    list.push_back(std::move(stats));
+  }
+  return list;
 }
 
 bool Machine::send_console_input(std::span<const uint8_t> bytes) {

@@ -64,6 +64,8 @@ class Machine {
   std::vector<int> vcpu_thread_ids() const;
   // The disks the guest sees, for QMP's query-block.
   std::vector<control::BlockInfo> block_info() const;
+  // Their I/O counters, for QMP's query-blockstats.
+  std::vector<control::BlockStats> block_stats() const;
   // Host console input for the serial port (stdin reader thread).
   bool send_console_input(std::span<const uint8_t> bytes);
 

@@ -105,6 +105,11 @@ std::vector<control::BlockInfo> VmController::blocks() const {
   return machine_ ? machine_->block_info() : std::vector<control::BlockInfo>{};
 }
 
+std::vector<control::BlockStats> VmController::block_stats() const {
+  std::lock_guard lock(mutex_);
+  return machine_ ? machine_->block_stats() : std::vector<control::BlockStats>{};
+}
+
 Machine& VmController::running_machine() const {
   if (!machine_) throw control::QmpError("GenericError", "The VM is not running");
   return *machine_;

@@ -36,6 +36,7 @@ class VmController : public control::VmControl {
   control::KvmInfo kvm() const override { return {true, true}; }
   std::vector<control::CpuInfo> cpus() const override;
   std::vector<control::BlockInfo> blocks() const override;
+  std::vector<control::BlockStats> block_stats() const override;
   control::MemorySizeSummary memory() const override { return {config_.memory_bytes, 0}; }
   void stop() override;
   void cont() override;

@@ -1,6 +1,7 @@
 #include "devices/virtio/virtio_blk.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -61,6 +62,11 @@ struct VirtioBlock::Request {
   ChainBuffers out;  // device -> driver bytes: IN data / ID, then the status byte
   std::vector<iovec> iov;
   std::unique_ptr<BounceBuffer> bounce;
+  // Accounting, set by start_accounting() for requests that reach the back-end.
+  BlockOpStats* acct = nullptr;
+  uint64_t acct_offset = 0;
+  uint64_t acct_bytes = 0;
+  std::chrono::steady_clock::time_point started;
 };
 
 VirtioBlock::VirtioBlock(std::shared_ptr<block::BlockDevice> disk, BlockConfig config)
@@ -174,6 +180,7 @@ void VirtioBlock::handle_chain(uint16_t queue, DescriptorChain chain, uint64_t g
       return submit_write(request, sector);
     case kBlkTypeFlush:
       metrics_.flushes++;
+      start_accounting(*request, metrics_.flush_acct, 0, 0);
       return disk_->flush(completion_for(request, 0));
     case kBlkTypeGetId: {
       metrics_.get_ids++;
@@ -200,10 +207,12 @@ void VirtioBlock::submit_read(const std::shared_ptr<Request>& request, uint64_t 
       request->iov.size() > config_.queue_size - 2u ||
       request->out.largest_segment() > std::max<uint64_t>(config_.size_max, 1)) {
     metrics_.io_errors++;
+    metrics_.read_acct.invalid++;
     log_.warn(fmt::format("virtio-blk: bad read of {} bytes at sector {}", length, sector));
     return finish(request, kBlkStatusIoErr, 0);
   }
   metrics_.read_bytes += length;
+  start_accounting(*request, metrics_.read_acct, sector * kBlkSectorSize, length);
   if (!aligned(request->iov, disk_->alignment())) {
     request->bounce = std::make_unique<BounceBuffer>(length, disk_->alignment());
     iovec bounce{request->bounce->data, length};
@@ -222,6 +231,7 @@ void VirtioBlock::submit_write(const std::shared_ptr<Request>& request, uint64_t
   uint64_t length = request->in.size() - kBlkRequestHeaderSize;
   if (read_only_) {
     metrics_.io_errors++;
+    metrics_.write_acct.failed++;  // as QEMU: the back-end refuses it (EPERM)
     return finish(request, kBlkStatusIoErr, 0);
   }
   request->iov = request->in.iovecs(kBlkRequestHeaderSize, length);
@@ -229,10 +239,12 @@ void VirtioBlock::submit_write(const std::shared_ptr<Request>& request, uint64_t
       request->iov.size() > config_.queue_size - 2u ||
       request->in.largest_segment() > std::max<uint64_t>(config_.size_max, kBlkRequestHeaderSize)) {
     metrics_.io_errors++;
+    metrics_.write_acct.invalid++;
     log_.warn(fmt::format("virtio-blk: bad write of {} bytes at sector {}", length, sector));
     return finish(request, kBlkStatusIoErr, 0);
   }
   metrics_.write_bytes += length;
+  start_accounting(*request, metrics_.write_acct, sector * kBlkSectorSize, length);
   if (!aligned(request->iov, disk_->alignment())) {
     request->bounce = std::make_unique<BounceBuffer>(length, disk_->alignment());
     request->in.read(kBlkRequestHeaderSize, {request->bounce->data, size_t(length)});
@@ -244,6 +256,7 @@ void VirtioBlock::submit_write(const std::shared_ptr<Request>& request, uint64_t
 void VirtioBlock::submit_range(const std::shared_ptr<Request>& request, uint32_t type) {
   bool discard = type == kBlkTypeDiscard;
   (discard ? metrics_.discards : metrics_.write_zeroes)++;
+  BlockOpStats& kind = discard ? metrics_.unmap_acct : metrics_.write_acct;
   uint64_t acked = activation_.acked_features;
   if (!(acked & (discard ? kBlkFeatureDiscard : kBlkFeatureWriteZeroes))) {
     metrics_.unsupported++;
@@ -251,6 +264,7 @@ void VirtioBlock::submit_range(const std::shared_ptr<Request>& request, uint32_t
   }
   if (read_only_) {
     metrics_.io_errors++;
+    kind.failed++;
     return finish(request, kBlkStatusIoErr, 0);
   }
   uint64_t payload = request->in.size() - kBlkRequestHeaderSize;
@@ -258,6 +272,7 @@ void VirtioBlock::submit_range(const std::shared_ptr<Request>& request, uint32_t
   // We advertise max_discard_seg = max_write_zeroes_seg = 1.
   if (payload != kBlkDiscardSegmentSize || !request->in.read(kBlkRequestHeaderSize, segment)) {
     metrics_.io_errors++;
+    kind.invalid++;
     log_.warn("virtio-blk: discard/write-zeroes payload is not exactly one segment");
     return finish(request, kBlkStatusIoErr, 0);
   }
@@ -272,8 +287,10 @@ void VirtioBlock::submit_range(const std::shared_ptr<Request>& request, uint32_t
   uint64_t bytes = uint64_t(sectors) * kBlkSectorSize;
   if (sectors > config_.max_discard_sectors || !in_capacity(sector, bytes)) {
     metrics_.io_errors++;
+    kind.invalid++;
     return finish(request, kBlkStatusIoErr, 0);
   }
+  start_accounting(*request, kind, sector * kBlkSectorSize, bytes);
   if (discard) {
     disk_->discard(sector * kBlkSectorSize, bytes, completion_for(request, 0));
   } else {
@@ -285,6 +302,7 @@ void VirtioBlock::submit_range(const std::shared_ptr<Request>& request, uint32_t
 block::Completion VirtioBlock::completion_for(const std::shared_ptr<Request>& request,
                                               uint32_t written) {
   return [this, request, written](int result) {
+    account_completion(*request, result >= 0);
     if (result < 0) {
       metrics_.io_errors++;
       log_.warn(fmt::format("virtio-blk: back-end error {}", result));
@@ -294,6 +312,34 @@ block::Completion VirtioBlock::completion_for(const std::shared_ptr<Request>& re
     if (written) request->out.mark_dirty(request->memory, 0, written);
     finish(request, kBlkStatusOk, written);
   };
+}
+
+void VirtioBlock::start_accounting(Request& request, BlockOpStats& kind, uint64_t offset,
+                                   uint64_t bytes) {
+  request.acct = &kind;
+  request.acct_offset = offset;
+  request.acct_bytes = bytes;
+  request.started = std::chrono::steady_clock::now();
+}
+
+void VirtioBlock::account_completion(const Request& request, bool ok) {
+  if (!request.acct) return;
+  BlockOpStats& kind = *request.acct;
+  if (!ok) {
+    kind.failed++;
+    return;
+  }
+  auto elapsed = std::chrono::steady_clock::now() - request.started;
+  kind.operations++;
+  kind.bytes += request.acct_bytes;
+  kind.total_time_ns +=
+      uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(elapsed).count());
+  if (&kind == &metrics_.write_acct) {
+    uint64_t end = request.acct_offset + request.acct_bytes;
+    uint64_t highest = metrics_.wr_highest_offset.load();
+    while (end > highest && !metrics_.wr_highest_offset.compare_exchange_weak(highest, end)) {
+    }
+  }
 }
 
 void VirtioBlock::finish(const std::shared_ptr<Request>& request, uint8_t status,

@@ -65,6 +65,17 @@ struct BlockConfig {
   uint32_t max_discard_sectors = 1u << 22;
 };
 
+// Accounting of one kind of request as QEMU keeps it for query-blockstats: requests that completed
+// (with their bytes and time), that the back-end failed, and that were rejected before reaching it
+// (out of range, misaligned, too many segments).
+struct BlockOpStats {
+  std::atomic<uint64_t> operations{0};
+  std::atomic<uint64_t> bytes{0};
+  std::atomic<uint64_t> total_time_ns{0};
+  std::atomic<uint64_t> failed{0};
+  std::atomic<uint64_t> invalid{0};
+};
+
 struct BlockMetrics {
   std::atomic<uint64_t> reads{0};
   std::atomic<uint64_t> writes{0};
@@ -77,6 +88,10 @@ struct BlockMetrics {
   std::atomic<uint64_t> io_errors{0};
   std::atomic<uint64_t> unsupported{0};
   std::atomic<uint64_t> malformed{0};
+  // QEMU's classes: write-zeroes counts as a write and discard as an unmap, as QEMU's virtio-blk
+  // does.
+  BlockOpStats read_acct, write_acct, flush_acct, unmap_acct;
+  std::atomic<uint64_t> wr_highest_offset{0};  // the offset after the last byte ever written
 };
 
 class VirtioBlock : public VirtioDevice {
@@ -108,6 +123,9 @@ class VirtioBlock : public VirtioDevice {
   // Writes the status byte and hands the chain back to the driver. Any thread.
   void finish(const std::shared_ptr<Request>& request, uint8_t status, uint32_t data_written);
   block::Completion completion_for(const std::shared_ptr<Request>& request, uint32_t written);
+  // Starts timing a request that goes to the back-end; completion_for() books its outcome.
+  void start_accounting(Request& request, BlockOpStats& kind, uint64_t offset, uint64_t bytes);
+  void account_completion(const Request& request, bool ok);
 
   std::shared_ptr<block::BlockDevice> disk_;
   BlockConfig config_;

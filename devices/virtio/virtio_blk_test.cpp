@@ -237,6 +237,53 @@ TEST_F(VirtioBlkTest, FlushDiscardAndWriteZeroes) {
   EXPECT_EQ(request(kBlkTypeDiscard, 0, 32, false).status, kBlkStatusIoErr);
 }
 
+TEST_F(VirtioBlkTest, AccountsRequestsAsQmpBlockstatsReports) {
+  start();
+  bring_up();
+  ASSERT_EQ(request(kBlkTypeOut, 8, 1024, false).status, kBlkStatusOk);  // bytes 4096..5120
+  ASSERT_EQ(request(kBlkTypeOut, 2, 512, false).status, kBlkStatusOk);
+  ASSERT_EQ(request(kBlkTypeIn, 0, 2048, true).status, kBlkStatusOk);
+  ASSERT_EQ(request(kBlkTypeFlush, 0, 0, false).status, kBlkStatusOk);
+  disk_->fail_flush = true;
+  ASSERT_EQ(request(kBlkTypeFlush, 0, 0, false).status, kBlkStatusIoErr);
+  // Out of range and misaligned requests never reach the disk: invalid, not failed.
+  ASSERT_EQ(request(kBlkTypeIn, kDiskSize / 512, 512, true).status, kBlkStatusIoErr);
+  ASSERT_EQ(request(kBlkTypeOut, 0, 100, false).status, kBlkStatusIoErr);
+  m_.memory.write_obj<uint64_t>(kData, 16);  // discard sectors 16..19
+  m_.memory.write_obj<uint32_t>(kData + 8, 4);
+  m_.memory.write_obj<uint32_t>(kData + 12, 0);
+  ASSERT_EQ(request(kBlkTypeDiscard, 0, 16, false).status, kBlkStatusOk);
+  m_.memory.write_obj<uint64_t>(kData, 100);  // write zeroes over sectors 100..101
+  m_.memory.write_obj<uint32_t>(kData + 8, 2);
+  ASSERT_EQ(request(kBlkTypeWriteZeroes, 0, 16, false).status, kBlkStatusOk);
+
+  const BlockMetrics& m = blk_->metrics();
+  EXPECT_EQ(m.read_acct.operations, 1u);
+  EXPECT_EQ(m.read_acct.bytes, 2048u);
+  EXPECT_EQ(m.read_acct.invalid, 1u);
+  EXPECT_EQ(m.read_acct.failed, 0u);
+  // Write-zeroes counts as a write, as in QEMU.
+  EXPECT_EQ(m.write_acct.operations, 3u);
+  EXPECT_EQ(m.write_acct.bytes, 1024u + 512u + 1024u);
+  EXPECT_EQ(m.write_acct.invalid, 1u);
+  EXPECT_EQ(m.wr_highest_offset, 102u * 512u);
+  EXPECT_EQ(m.flush_acct.operations, 1u);
+  EXPECT_EQ(m.flush_acct.failed, 1u);
+  EXPECT_EQ(m.unmap_acct.operations, 1u);
+  EXPECT_EQ(m.unmap_acct.bytes, 4u * 512u);
+  EXPECT_GT(m.read_acct.total_time_ns, 0u);
+  EXPECT_GT(m.write_acct.total_time_ns, 0u);
+}
+
+TEST_F(VirtioBlkTest, WritesToAReadOnlyDiskCountAsFailed) {
+  start({}, /*read_only=*/true);
+  bring_up();
+  ASSERT_EQ(request(kBlkTypeOut, 0, 512, false).status, kBlkStatusIoErr);
+  EXPECT_EQ(blk_->metrics().write_acct.failed, 1u);
+  EXPECT_EQ(blk_->metrics().write_acct.operations, 0u);
+  EXPECT_EQ(blk_->metrics().wr_highest_offset, 0u);
+}
+
 TEST_F(VirtioBlkTest, DiscardUnsupportedWhenNotNegotiated) {
   start();
   bring_up(kFeatureVersion1);
