@@ -53,9 +53,21 @@ class Boot(unittest.TestCase):
                 self.assertGreater(kib, gib * 1024 * 1024 * 0.9)
                 self.assertLessEqual(kib, gib * 1024 * 1024)
 
-    # Not tested yet: that a reboot without --no-reboot boots the guest again. It does (seen by
-    # hand), but the second boot in one kiln process intermittently stalls in the nested harness
-    # (issue 3's note); a test that can hang the whole suite waits for that fix.
+    def test_guest_reboot_boots_the_guest_again(self):
+        # A small disk remembers across the reboot that the first boot happened.
+        work = os.path.join(kg.E2E_DIR, "boot-test")
+        os.makedirs(work, exist_ok=True)
+        disk = os.path.join(work, "reboot-flag.img")
+        with open(disk, "wb") as f:
+            f.truncate(1 << 20)
+        script = ('if [ "$(head -c 5 /dev/vda)" = first ]; then echo second-boot-ok; '
+                  'else printf first | dd of=/dev/vda conv=fsync 2>/dev/null; reboot -f; fi')
+        run, rc = run_script(script, "--cpus", "2", "--disk", f"path={disk}",
+                             timeout=2 * BOOT_TIMEOUT)
+        self.assertEqual(rc, 0, run.stderr)
+        self.assertEqual(run.console().count(kg.MARKER), 2, run.console()[-3000:])
+        self.assertIn("second-boot-ok", run.console())
+
     def test_guest_reboot_with_no_reboot_exits(self):
         run, rc = run_script("reboot -f", "--no-reboot")
         self.assertEqual(rc, 0, run.stderr)
