@@ -74,7 +74,8 @@ void usage() {
       "output_filename\n"
       "  info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename\n"
       "  map [-f fmt] [--output=ofmt] [-U] filename\n"
-      "  resize [-f fmt] [--shrink] [-q] filename [+ | -]size");
+      "  resize [-f fmt] [--shrink] [-q] filename [+ | -]size\n"
+      "  compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2");
 }
 
 }  // namespace
@@ -99,6 +100,7 @@ int main(int argc, char** argv) {
     if (cmd == "convert") return cmd_convert(argc - 1, argv + 1);
     if (cmd == "map") return cmd_map(argc - 1, argv + 1);
     if (cmd == "resize") return cmd_resize(argc - 1, argv + 1);
+    if (cmd == "compare") return cmd_compare(argc - 1, argv + 1);
     fmt::print(stderr, "kiln-img: Command not found: {}\n", cmd);
     return 1;
   } catch (const std::exception& e) {
