@@ -58,6 +58,10 @@ int cmd_check(int argc, char** argv);
 int cmd_convert(int argc, char** argv);
 int cmd_map(int argc, char** argv);
 int cmd_resize(int argc, char** argv);
+// The command summary `kiln-img --help` prints.
+void print_usage();
+
 int cmd_compare(int argc, char** argv);
+int cmd_measure(int argc, char** argv);
 
 }  // namespace kiln::img

@@ -61,9 +61,7 @@ block::qcow2::OpenOptions read_options(const std::string& fmt, bool force_share)
   return o;
 }
 
-namespace {
-
-void usage() {
+void print_usage() {
   std::puts(
       "kiln-img: image tool compatible with qemu-img\n"
       "usage: kiln-img [standard options] command [command options]\n\n"
@@ -75,10 +73,11 @@ void usage() {
       "  info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename\n"
       "  map [-f fmt] [--output=ofmt] [-U] filename\n"
       "  resize [-f fmt] [--shrink] [-q] filename [+ | -]size\n"
-      "  compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2");
+      "  compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2\n"
+      "  measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-U] "
+      "filename]");
 }
 
-}  // namespace
 }  // namespace kiln::img
 
 int main(int argc, char** argv) {
@@ -90,7 +89,7 @@ int main(int argc, char** argv) {
   }
   const std::string cmd = argv[1];
   if (cmd == "-h" || cmd == "--help" || cmd == "help") {
-    usage();
+    print_usage();
     return 0;
   }
   try {
@@ -101,6 +100,7 @@ int main(int argc, char** argv) {
     if (cmd == "map") return cmd_map(argc - 1, argv + 1);
     if (cmd == "resize") return cmd_resize(argc - 1, argv + 1);
     if (cmd == "compare") return cmd_compare(argc - 1, argv + 1);
+    if (cmd == "measure") return cmd_measure(argc - 1, argv + 1);
     fmt::print(stderr, "kiln-img: Command not found: {}\n", cmd);
     return 1;
   } catch (const std::exception& e) {
