@@ -75,7 +75,9 @@ void print_usage() {
       "  resize [-f fmt] [--shrink] [-q] filename [+ | -]size\n"
       "  compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2\n"
       "  measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-U] "
-      "filename]");
+      "filename]\n"
+      "  dd [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] "
+      "if=input of=output");
 }
 
 }  // namespace kiln::img
@@ -101,6 +103,7 @@ int main(int argc, char** argv) {
     if (cmd == "resize") return cmd_resize(argc - 1, argv + 1);
     if (cmd == "compare") return cmd_compare(argc - 1, argv + 1);
     if (cmd == "measure") return cmd_measure(argc - 1, argv + 1);
+    if (cmd == "dd") return cmd_dd(argc - 1, argv + 1);
     fmt::print(stderr, "kiln-img: Command not found: {}\n", cmd);
     return 1;
   } catch (const std::exception& e) {
