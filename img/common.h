@@ -64,5 +64,7 @@ void print_usage();
 int cmd_compare(int argc, char** argv);
 int cmd_measure(int argc, char** argv);
 int cmd_dd(int argc, char** argv);
+int cmd_commit(int argc, char** argv);
+int cmd_rebase(int argc, char** argv);
 
 }  // namespace kiln::img

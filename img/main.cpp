@@ -77,7 +77,10 @@ void print_usage() {
       "  measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-U] "
       "filename]\n"
       "  dd [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] "
-      "if=input of=output");
+      "if=input of=output\n"
+      "  commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename\n"
+      "  rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file "
+      "[-F backing_fmt] filename");
 }
 
 }  // namespace kiln::img
@@ -104,6 +107,8 @@ int main(int argc, char** argv) {
     if (cmd == "compare") return cmd_compare(argc - 1, argv + 1);
     if (cmd == "measure") return cmd_measure(argc - 1, argv + 1);
     if (cmd == "dd") return cmd_dd(argc - 1, argv + 1);
+    if (cmd == "commit") return cmd_commit(argc - 1, argv + 1);
+    if (cmd == "rebase") return cmd_rebase(argc - 1, argv + 1);
     fmt::print(stderr, "kiln-img: Command not found: {}\n", cmd);
     return 1;
   } catch (const std::exception& e) {

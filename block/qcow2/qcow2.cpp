@@ -186,7 +186,7 @@ void Image::load(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& 
     write_header();
     sync_file();
   }
-  open_backing(opts, chain);
+  if (!opts.no_backing) open_backing(opts, chain);
 }
 
 void Image::validate_tables() {
@@ -725,6 +725,49 @@ void Image::resize(uint64_t new_size) {
     return;
   }
   header_.size = new_size;
+  write_header();
+  sync_file();
+}
+
+void Image::make_empty() {
+  std::lock_guard lock(mu_);
+  if (read_only_) throw std::system_error(EROFS, std::generic_category(), "image is read-only");
+  const uint64_t per_table = l2_entries();
+  const uint64_t clusters = div_round_up(header_.size, cluster_size_);
+  for (uint64_t i = 0; i < l1_.size(); ++i) {
+    if ((l1_[i] & kOffsetMask) == 0) continue;
+    for (uint64_t j = 0; j < per_table && i * per_table + j < clusters; ++j) {
+      const uint64_t guest_cluster = i * per_table + j;
+      const uint64_t entry = l2_entry(guest_cluster);
+      if (entry == 0) continue;
+      set_l2_entry(guest_cluster, 0);
+      release_entry_later(entry);
+    }
+  }
+  data_dirty_ = true;
+  flush_locked();
+}
+
+void Image::set_backing_file(const std::string& file, const std::string& format) {
+  std::lock_guard lock(mu_);
+  if (read_only_) throw std::system_error(EROFS, std::generic_category(), "image is read-only");
+  if (file.size() > kMaxBackingNameLength) {
+    throw std::system_error(EINVAL, std::generic_category(), "backing file name too long");
+  }
+  flush_locked();
+  Header h = header_;
+  h.backing_file = file;
+  set_backing_format(h, file.empty() ? std::string() : format);
+  if (file.empty()) {
+    h.backing_file_offset = 0;
+    h.backing_file_size = 0;
+  }
+  try {
+    serialize_header(h, cluster_size_);
+  } catch (const Qcow2Error&) {
+    throw std::system_error(ENOSPC, std::generic_category(), "No space left in the file header");
+  }
+  header_ = std::move(h);
   write_header();
   sync_file();
 }

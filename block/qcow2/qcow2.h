@@ -42,6 +42,9 @@ struct OpenOptions {
   bool unsafe = false;
   // Worker threads of the BlockDevice adapter.
   unsigned workers = 2;
+  // Open the image alone, without its backing chain: unallocated clusters read as zeros
+  // (qemu-img rebase -u, and images whose backing file is gone).
+  bool no_backing = false;
 };
 
 struct CreateOptions {
@@ -144,6 +147,12 @@ class Image : public SyncImage {
   // Grows the virtual size (shrinking is refused), relocating the L1 table when it must grow.
   void resize(uint64_t new_size);
   CheckResult check(RepairMode mode);
+  // Drops every cluster the active L1 table maps (qemu's make_empty after commit), so the image
+  // reads through to its backing file again; freed clusters lose their references on flush.
+  void make_empty();
+  // Rewrites the header to name another backing file ("" removes it) with its format. Only the
+  // header changes: the chain this Image has open stays as it was.
+  void set_backing_file(const std::string& file, const std::string& format);
 
   bool read_only() const { return read_only_; }
   const Header& header() const { return header_; }

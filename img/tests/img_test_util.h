@@ -36,6 +36,24 @@ inline ToolResult run_split(const std::string& cmd, const std::string& err_file)
   return t;
 }
 
+// Output with qemu's progress meter lines ("    (12.50/100%)\r") taken out: how often the meter is
+// redrawn depends on each tool's internal chunking.
+inline std::string without_progress(const std::string& out) {
+  std::string result;
+  size_t pos = 0;
+  while (pos < out.size()) {
+    const size_t open = out.find("    (", pos);
+    const size_t close = open == std::string::npos ? open : out.find("/100%)\r", open);
+    if (close == std::string::npos) {
+      result += out.substr(pos);
+      break;
+    }
+    result += out.substr(pos, open - pos);
+    pos = close + 7;
+  }
+  return result;
+}
+
 class ImgToolTest : public ::testing::Test {
  protected:
   void SetUp() override { block::qcow2::testing::require_qemu_tools(); }
