@@ -104,8 +104,9 @@ int cmd_rebase(int argc, char** argv) {
     std::fflush(stdout);
   }
 
-  if (!unsafe && top->backing()) {
-    SyncImage& old_backing = *top->backing();
+  if (!unsafe) {
+    // Without an old backing file the image's unallocated parts read as zeros.
+    SyncImage* old_backing = top->backing();
     std::unique_ptr<SyncImage> new_backing;
     if (!backing.empty()) {
       // A relative name is relative to the image's directory, as in the header.
@@ -120,7 +121,7 @@ int cmd_rebase(int argc, char** argv) {
       }
     }
     const uint64_t size = image_length(*top);
-    const uint64_t old_size = image_length(old_backing);
+    const uint64_t old_size = old_backing ? image_length(*old_backing) : 0;
     const uint64_t new_size = new_backing ? image_length(*new_backing) : 0;
     constexpr uint64_t kChunk = 2ull << 20, kSector = 512;
     std::vector<uint8_t> buf_old(kChunk), buf_new(kChunk);
@@ -137,7 +138,7 @@ int cmd_rebase(int argc, char** argv) {
         old_is_zero = true;
       } else {
         n = std::min(n, old_size - offset);
-        old_backing.read(offset, std::span(buf_old).first(n));
+        old_backing->read(offset, std::span(buf_old).first(n));
       }
       if (!new_backing || offset >= new_size) {
         std::memset(buf_new.data(), 0, n);
