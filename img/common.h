@@ -66,5 +66,8 @@ int cmd_measure(int argc, char** argv);
 int cmd_dd(int argc, char** argv);
 int cmd_commit(int argc, char** argv);
 int cmd_rebase(int argc, char** argv);
+int cmd_snapshot(int argc, char** argv);
+// qemu's "Snapshot list:" table (snapshot -l and info); prints nothing for no snapshots.
+void print_snapshot_list(const std::vector<block::qcow2::SnapshotInfo>& list);
 
 }  // namespace kiln::img

@@ -80,7 +80,8 @@ void print_usage() {
       "if=input of=output\n"
       "  commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename\n"
       "  rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file "
-      "[-F backing_fmt] filename");
+      "[-F backing_fmt] filename\n"
+      "  snapshot [-U] [-q] [-l] filename");
 }
 
 }  // namespace kiln::img
@@ -109,6 +110,7 @@ int main(int argc, char** argv) {
     if (cmd == "dd") return cmd_dd(argc - 1, argv + 1);
     if (cmd == "commit") return cmd_commit(argc - 1, argv + 1);
     if (cmd == "rebase") return cmd_rebase(argc - 1, argv + 1);
+    if (cmd == "snapshot") return cmd_snapshot(argc - 1, argv + 1);
     fmt::print(stderr, "kiln-img: Command not found: {}\n", cmd);
     return 1;
   } catch (const std::exception& e) {

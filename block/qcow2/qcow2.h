@@ -121,6 +121,18 @@ struct CheckResult {
 };
 enum class RepairMode { kNone, kLeaks, kAll };
 
+// One internal snapshot's table entry (docs/interop/qcow2.txt, "Snapshot table").
+struct SnapshotInfo {
+  std::string id, name;
+  uint64_t l1_table_offset = 0;
+  uint32_t l1_size = 0;
+  uint32_t date_sec = 0, date_nsec = 0;
+  uint64_t vm_clock_nsec = 0;
+  uint64_t vm_state_size = 0;
+  uint64_t disk_size = 0;
+  int64_t icount = -1;  // -1: not recorded
+};
+
 class Image : public SyncImage {
  public:
   // Opens `path` and its whole backing chain. Throws Qcow2Error for malformed images and
@@ -147,6 +159,8 @@ class Image : public SyncImage {
   // Grows the virtual size (shrinking is refused), relocating the L1 table when it must grow.
   void resize(uint64_t new_size);
   CheckResult check(RepairMode mode);
+  // The internal snapshot table, validated (Qcow2Error for entries past the file's end).
+  std::vector<SnapshotInfo> snapshots();
   // Drops every cluster the active L1 table maps (qemu's make_empty after commit), so the image
   // reads through to its backing file again; freed clusters lose their references on flush.
   void make_empty();
