@@ -1,9 +1,11 @@
-// kiln-img snapshot: internal qcow2 snapshots. -l lists them as qemu-img does.
+// kiln-img snapshot: internal qcow2 snapshots, listed (-l), created (-c), applied (-a) and
+// deleted (-d) as qemu-img does.
 #include <fmt/format.h>
 #include <getopt.h>
 
 #include <cstdio>
 #include <ctime>
+#include <system_error>
 
 #include "img/common.h"
 
@@ -87,6 +89,7 @@ int cmd_snapshot(int argc, char** argv) {
   const std::string file = argv[optind];
   auto opts = read_options("", force_share);
   opts.no_backing = true;
+  opts.read_only = action == kNone || action == kList;
   std::unique_ptr<block::qcow2::SyncImage> img;
   try {
     img = block::qcow2::open_image(file, opts);
@@ -94,6 +97,9 @@ int cmd_snapshot(int argc, char** argv) {
     throw UsageError(fmt::format("Could not open '{}': {}", file, e.what()));
   }
   auto* q = dynamic_cast<block::qcow2::Image*>(img.get());
+  auto failure = [&](const char* what, const std::string& why) {
+    return UsageError(fmt::format("Could not {} snapshot '{}': {}", what, name, why));
+  };
   switch (action) {
     case kNone:
       return 0;
@@ -101,13 +107,34 @@ int cmd_snapshot(int argc, char** argv) {
       if (q) print_snapshot_list(q->snapshots());
       return 0;
     case kCreate:
-      throw UsageError(
-          fmt::format("Could not create snapshot '{}': Operation not supported", name));
+      if (!q) throw failure("create", "-95 (Operation not supported)");
+      try {
+        q->create_snapshot(name);
+      } catch (const std::exception& e) {
+        throw failure("create", e.what());
+      }
+      return 0;
     case kApply:
-      throw UsageError(fmt::format("Could not apply snapshot '{}': Operation not supported", name));
+      if (!q) throw failure("apply", "Operation not supported");
+      try {
+        q->apply_snapshot(name);
+      } catch (const std::system_error& e) {
+        if (e.code().value() != ENOENT) throw failure("apply", e.what());
+        throw failure("apply", "Failed to load snapshot: No such file or directory");
+      } catch (const std::exception& e) {
+        throw failure("apply", e.what());
+      }
+      return 0;
     case kDelete:
-      throw UsageError(
-          fmt::format("Could not delete snapshot '{}': Operation not supported", name));
+      if (!q) throw failure("delete", "Operation not supported");
+      try {
+        q->delete_snapshot(name);
+      } catch (const std::system_error& e) {
+        throw failure("delete", e.code().value() == ENOENT ? "snapshot not found" : e.what());
+      } catch (const std::exception& e) {
+        throw failure("delete", e.what());
+      }
+      return 0;
   }
   return 0;
 }

@@ -81,7 +81,7 @@ void print_usage() {
       "  commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename\n"
       "  rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file "
       "[-F backing_fmt] filename\n"
-      "  snapshot [-U] [-q] [-l] filename");
+      "  snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename");
 }
 
 }  // namespace kiln::img

@@ -161,6 +161,13 @@ class Image : public SyncImage {
   CheckResult check(RepairMode mode);
   // The internal snapshot table, validated (Qcow2Error for entries past the file's end).
   std::vector<SnapshotInfo> snapshots();
+  // Internal snapshots as qemu-img snapshot -c/-d/-a make them: refcounts of everything the L1
+  // table reaches change by one and the COPIED flags of the active tables follow. As in QEMU,
+  // apply finds the snapshot by ID first, then by name, and delete by name only (the first one);
+  // std::system_error(ENOENT) when there is none.
+  void create_snapshot(const std::string& name);
+  void delete_snapshot(const std::string& name);
+  void apply_snapshot(const std::string& id_or_name);
   // Drops every cluster the active L1 table maps (qemu's make_empty after commit), so the image
   // reads through to its backing file again; freed clusters lose their references on flush.
   void make_empty();
@@ -250,6 +257,21 @@ class Image : public SyncImage {
   // them, whatever an untrusted L2 entry says.
   std::unordered_set<uint64_t> refblock_clusters_, l2_clusters_;
   void rebuild_metadata_set();
+
+  // Snapshots (qcow2_snapshot.cpp).
+  struct RawSnapshot {
+    SnapshotInfo info;
+    std::vector<uint8_t> bytes;  // the whole entry, padded to 8 bytes
+  };
+  std::vector<RawSnapshot> read_snapshots_locked();
+  void write_snapshot_table(const std::vector<RawSnapshot>& list);
+  size_t find_snapshot(const std::vector<RawSnapshot>& list, const std::string& id_or_name,
+                       bool by_id) const;
+  std::vector<uint64_t> read_l1(uint64_t offset, uint32_t size);
+  // Adds `addend` (+1, -1 or 0) to the refcount of every L2 table and cluster `l1` reaches and
+  // sets the COPIED flags from the new refcounts; `active` marks changed l1_ entries dirty.
+  void update_snapshot_refcounts(std::vector<uint64_t>& l1, int addend, bool active);
+  uint64_t adjust_refcount(uint64_t cluster, int addend);
 
   std::vector<uint64_t> refcount_table_;
   bool refcount_table_dirty_ = false;
