@@ -1,6 +1,7 @@
 // kiln-img snapshot -l and info on images with internal snapshots, against qemu-img.
 #include <nlohmann/json.hpp>
 
+#include "block/qcow2/qcow2_format.h"
 #include "img/tests/img_test_util.h"
 
 namespace kiln::img::testing {
@@ -52,6 +53,28 @@ TEST_F(SnapshotTest, BadInputMatchesQemu) {
        }) {
     expect_same(args);
   }
+}
+
+// A damaged snapshot table is an error message, never a crash or a write.
+TEST_F(SnapshotTest, DamagedSnapshotTableIsACleanError) {
+  // s.qcow2: header field 60 = nb_snapshots, 64 = snapshots_offset.
+  const auto header = read_file(path("s.qcow2"));
+  const uint64_t table = block::qcow2::load_be64(&header[64]);
+  auto damaged = [&](uint64_t offset, std::vector<uint8_t> bytes) {
+    sh("cp s.qcow2 d.qcow2");
+    block::qcow2::testing::write_file_at(path("d.qcow2"), offset, bytes);
+    const auto before = read_file(path("d.qcow2"));
+    for (const char* args : {"snapshot -l d.qcow2", "info d.qcow2", "snapshot -d first d.qcow2",
+                             "snapshot -c new d.qcow2", "snapshot -a 1 d.qcow2"}) {
+      auto r = kiln(args);
+      EXPECT_EQ(r.status, 1) << args << "\n" << r.out << r.err;
+      EXPECT_EQ(r.err.rfind("kiln-img: ", 0), 0u) << args << "\n" << r.err;
+    }
+    EXPECT_EQ(read_file(path("d.qcow2")), before);
+  };
+  damaged(table + 36, {0, 0, 0x10, 0});  // extra data size 1 MiB
+  damaged(table + 14, {0xff, 0xff});     // name runs past the end of the file
+  damaged(60, {0, 0, 0x10, 0});          // 4096 snapshots: the table runs out
 }
 
 // Snapshot table lines without the DATE column (the tools ran at different moments).
