@@ -69,9 +69,14 @@ std::unique_ptr<RawImage> RawImage::open(const std::string& path, bool read_only
 }
 
 void RawImage::create(const std::string& path, uint64_t size) {
-  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  // Truncate only once the write lock is ours: an image another process (or this one) has open
+  // must not lose its contents to a failed create.
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
   if (!fd) throw_errno(fmt::format("Could not create '{}'", path));
-  if (::ftruncate(fd.get(), off_t(size)) != 0) throw_errno("ftruncate");
+  lock_image(fd.get(), path, false, false);
+  if (::ftruncate(fd.get(), 0) != 0 || ::ftruncate(fd.get(), off_t(size)) != 0) {
+    throw_errno("ftruncate");
+  }
 }
 
 void RawImage::read(uint64_t offset, std::span<uint8_t> buf) {

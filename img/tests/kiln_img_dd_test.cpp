@@ -92,6 +92,19 @@ TEST_F(DdTest, BadOperandsMatchQemu) {
     expect_same(args);
     EXPECT_FALSE(exists(path("o.raw"))) << args;
   }
+  // Writing over the input (open, so locked) is refused and destroys nothing.
+  const auto raw = read_file(path("in.raw")), qcow2 = read_file(path("a.qcow2"));
+  for (const char* args :
+       {"dd -O qcow2 if=a.qcow2 of=a.qcow2", "dd -O raw if=a.qcow2 of=a.qcow2"}) {
+    expect_same(args);
+    EXPECT_EQ(read_file(path("a.qcow2")), qcow2) << args;
+  }
+  // A deliberate difference: qemu-img lets a raw input be its own output and zeroes it; kiln-img
+  // keeps the input's read lock, so the create is refused and the data survives.
+  auto r = kiln("dd if=in.raw of=in.raw");
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  EXPECT_NE(r.err.find("lock"), std::string::npos) << r.err;
+  EXPECT_EQ(read_file(path("in.raw")), raw);
 }
 
 }  // namespace
