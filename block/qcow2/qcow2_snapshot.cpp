@@ -185,6 +185,11 @@ void Image::create_snapshot(const std::string& name) {
   flush_locked();
   auto list = read_snapshots_locked();
   if (list.size() >= kMaxSnapshots) throw Qcow2Error("too many snapshots");
+  // One-bit refcounts cannot count a second reference: refuse before touching anything.
+  if (max_refcount() < 2) {
+    throw std::system_error(EINVAL, std::generic_category(),
+                            "refcount_bits=1 cannot share clusters");
+  }
   uint64_t max_id = 0;
   for (const auto& s : list)
     max_id = std::max<uint64_t>(max_id, std::strtoull(s.info.id.c_str(), nullptr, 10));

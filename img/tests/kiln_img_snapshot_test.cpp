@@ -55,6 +55,19 @@ TEST_F(SnapshotTest, BadInputMatchesQemu) {
   }
 }
 
+// One-bit refcounts cannot hold a snapshot: both tools refuse; kiln's image stays consistent.
+TEST_F(SnapshotTest, OneBitRefcountsRefuseSnapshots) {
+  sh("qemu-img create -q -f qcow2 -o refcount_bits=1 k.qcow2 1M && "
+     "qemu-io -c 'write -P 1 0 100k' k.qcow2 >/dev/null && cp k.qcow2 q.qcow2");
+  auto k = kiln("snapshot -c s k.qcow2"), qm = qemu("snapshot -c s q.qcow2");
+  EXPECT_EQ(k.status, 1) << k.err;
+  EXPECT_EQ(k.status, qm.status);
+  EXPECT_EQ(k.out, qm.out);
+  expect_check_clean("k.qcow2");
+  expect_same_content("k.qcow2", "q.qcow2");
+  EXPECT_EQ(kiln("snapshot -l k.qcow2").out, "");
+}
+
 // A damaged snapshot table is an error message, never a crash or a write.
 TEST_F(SnapshotTest, DamagedSnapshotTableIsACleanError) {
   // s.qcow2: header field 60 = nb_snapshots, 64 = snapshots_offset.
