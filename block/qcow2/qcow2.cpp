@@ -540,7 +540,9 @@ void Image::write_cluster_part(uint64_t offset, std::span<const uint8_t> buf) {
   const uint64_t in_cluster = offset % cluster_size_;
   const uint64_t entry = l2_entry(guest_cluster);
   const uint64_t host = entry & kOffsetMask;
-  const bool zero_flag = (entry & kL2FlagZero) && header_.version >= 3;
+  // In a compressed entry bit 0 belongs to the (byte-granular) host offset, not the zero flag.
+  const bool zero_flag =
+      !(entry & kFlagCompressed) && (entry & kL2FlagZero) && header_.version >= 3;
   const bool in_place = !(entry & kFlagCompressed) && host && (entry & kFlagCopied);
   if (in_place) check_data_offset(host, offset);
   if (in_place && !zero_flag) {
