@@ -17,6 +17,21 @@ using nlohmann::ordered_json;
 ordered_json info_json(SyncImage& img, const std::string& filename) {
   ordered_json j;
   auto* q = dynamic_cast<Image*>(&img);
+  if (q) {
+    const auto list = q->snapshots();
+    for (const auto& sn : list) {
+      ordered_json e;
+      if (sn.icount != -1) e["icount"] = sn.icount;
+      e["vm-clock-nsec"] = sn.vm_clock_nsec % 1000000000;
+      e["name"] = sn.name;
+      e["date-sec"] = sn.date_sec;
+      e["date-nsec"] = sn.date_nsec;
+      e["vm-clock-sec"] = sn.vm_clock_nsec / 1000000000;
+      e["id"] = sn.id;
+      e["vm-state-size"] = sn.vm_state_size;
+      j["snapshots"].push_back(e);
+    }
+  }
   const bool has_backing = q && !q->header().backing_file.empty();
   if (has_backing && !q->backing_format().empty()) {
     j["backing-filename-format"] = q->backing_format();
@@ -66,6 +81,24 @@ void print_human(const ordered_json& j) {
   }
   if (j.contains("backing-filename-format")) {
     fmt::print("backing file format: {}\n", j["backing-filename-format"].get<std::string>());
+  }
+  if (j.contains("snapshots")) {
+    std::vector<block::qcow2::SnapshotInfo> list;
+    for (const auto& e : j["snapshots"]) {
+      block::qcow2::SnapshotInfo sn;
+      sn.id = e["id"];
+      sn.name = e["name"];
+      sn.date_sec = e["date-sec"];
+      sn.date_nsec = e["date-nsec"];
+      sn.vm_clock_nsec =
+          e["vm-clock-sec"].get<uint64_t>() * 1000000000 + e["vm-clock-nsec"].get<uint64_t>();
+      sn.vm_state_size = e["vm-state-size"];
+      sn.icount = e.contains("icount") ? e["icount"].get<int64_t>() : -1;
+      list.push_back(sn);
+    }
+    std::fflush(stdout);
+    print_snapshot_list(list);
+    std::fflush(stdout);
   }
   if (j.contains("format-specific")) {
     fmt::print("Format specific information:\n");

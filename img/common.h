@@ -38,6 +38,18 @@ struct ChainStatus {
 };
 ChainStatus chain_status(block::qcow2::SyncImage& top, uint64_t offset, uint64_t length);
 
+// A whole chain's block status as QEMU's bdrv_block_status_above() reports it (flag values are
+// QEMU's BDRV_BLOCK_*): compare -s compares these words.
+struct QemuStatus {
+  static constexpr int kData = 0x01, kZero = 0x02, kOffsetValid = 0x04, kAllocated = 0x10,
+                       kEof = 0x20;
+  uint64_t length = 0;
+  int flags = 0;
+};
+QemuStatus qemu_block_status(block::qcow2::SyncImage& top, uint64_t offset, uint64_t bytes);
+// Size as QEMU sees it: rounded up to whole sectors.
+uint64_t image_length(block::qcow2::SyncImage& img);
+
 block::qcow2::OpenOptions read_options(const std::string& fmt, bool force_share);
 
 int cmd_create(int argc, char** argv);
@@ -46,5 +58,16 @@ int cmd_check(int argc, char** argv);
 int cmd_convert(int argc, char** argv);
 int cmd_map(int argc, char** argv);
 int cmd_resize(int argc, char** argv);
+// The command summary `kiln-img --help` prints.
+void print_usage();
+
+int cmd_compare(int argc, char** argv);
+int cmd_measure(int argc, char** argv);
+int cmd_dd(int argc, char** argv);
+int cmd_commit(int argc, char** argv);
+int cmd_rebase(int argc, char** argv);
+int cmd_snapshot(int argc, char** argv);
+// qemu's "Snapshot list:" table (snapshot -l and info); prints nothing for no snapshots.
+void print_snapshot_list(const std::vector<block::qcow2::SnapshotInfo>& list);
 
 }  // namespace kiln::img

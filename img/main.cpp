@@ -61,9 +61,7 @@ block::qcow2::OpenOptions read_options(const std::string& fmt, bool force_share)
   return o;
 }
 
-namespace {
-
-void usage() {
+void print_usage() {
   std::puts(
       "kiln-img: image tool compatible with qemu-img\n"
       "usage: kiln-img [standard options] command [command options]\n\n"
@@ -74,10 +72,18 @@ void usage() {
       "output_filename\n"
       "  info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename\n"
       "  map [-f fmt] [--output=ofmt] [-U] filename\n"
-      "  resize [-f fmt] [--shrink] [-q] filename [+ | -]size");
+      "  resize [-f fmt] [--shrink] [-q] filename [+ | -]size\n"
+      "  compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2\n"
+      "  measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-U] "
+      "filename]\n"
+      "  dd [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] "
+      "if=input of=output\n"
+      "  commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename\n"
+      "  rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file "
+      "[-F backing_fmt] filename\n"
+      "  snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename");
 }
 
-}  // namespace
 }  // namespace kiln::img
 
 int main(int argc, char** argv) {
@@ -89,7 +95,7 @@ int main(int argc, char** argv) {
   }
   const std::string cmd = argv[1];
   if (cmd == "-h" || cmd == "--help" || cmd == "help") {
-    usage();
+    print_usage();
     return 0;
   }
   try {
@@ -99,6 +105,12 @@ int main(int argc, char** argv) {
     if (cmd == "convert") return cmd_convert(argc - 1, argv + 1);
     if (cmd == "map") return cmd_map(argc - 1, argv + 1);
     if (cmd == "resize") return cmd_resize(argc - 1, argv + 1);
+    if (cmd == "compare") return cmd_compare(argc - 1, argv + 1);
+    if (cmd == "measure") return cmd_measure(argc - 1, argv + 1);
+    if (cmd == "dd") return cmd_dd(argc - 1, argv + 1);
+    if (cmd == "commit") return cmd_commit(argc - 1, argv + 1);
+    if (cmd == "rebase") return cmd_rebase(argc - 1, argv + 1);
+    if (cmd == "snapshot") return cmd_snapshot(argc - 1, argv + 1);
     fmt::print(stderr, "kiln-img: Command not found: {}\n", cmd);
     return 1;
   } catch (const std::exception& e) {

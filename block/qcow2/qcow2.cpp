@@ -69,9 +69,14 @@ std::unique_ptr<RawImage> RawImage::open(const std::string& path, bool read_only
 }
 
 void RawImage::create(const std::string& path, uint64_t size) {
-  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  // Truncate only once the write lock is ours: an image another process (or this one) has open
+  // must not lose its contents to a failed create.
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
   if (!fd) throw_errno(fmt::format("Could not create '{}'", path));
-  if (::ftruncate(fd.get(), off_t(size)) != 0) throw_errno("ftruncate");
+  lock_image(fd.get(), path, false, false);
+  if (::ftruncate(fd.get(), 0) != 0 || ::ftruncate(fd.get(), off_t(size)) != 0) {
+    throw_errno("ftruncate");
+  }
 }
 
 void RawImage::read(uint64_t offset, std::span<uint8_t> buf) {
@@ -186,7 +191,7 @@ void Image::load(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& 
     write_header();
     sync_file();
   }
-  open_backing(opts, chain);
+  if (!opts.no_backing) open_backing(opts, chain);
 }
 
 void Image::validate_tables() {
@@ -535,7 +540,9 @@ void Image::write_cluster_part(uint64_t offset, std::span<const uint8_t> buf) {
   const uint64_t in_cluster = offset % cluster_size_;
   const uint64_t entry = l2_entry(guest_cluster);
   const uint64_t host = entry & kOffsetMask;
-  const bool zero_flag = (entry & kL2FlagZero) && header_.version >= 3;
+  // In a compressed entry bit 0 belongs to the (byte-granular) host offset, not the zero flag.
+  const bool zero_flag =
+      !(entry & kFlagCompressed) && (entry & kL2FlagZero) && header_.version >= 3;
   const bool in_place = !(entry & kFlagCompressed) && host && (entry & kFlagCopied);
   if (in_place) check_data_offset(host, offset);
   if (in_place && !zero_flag) {
@@ -725,6 +732,49 @@ void Image::resize(uint64_t new_size) {
     return;
   }
   header_.size = new_size;
+  write_header();
+  sync_file();
+}
+
+void Image::make_empty() {
+  std::lock_guard lock(mu_);
+  if (read_only_) throw std::system_error(EROFS, std::generic_category(), "image is read-only");
+  const uint64_t per_table = l2_entries();
+  const uint64_t clusters = div_round_up(header_.size, cluster_size_);
+  for (uint64_t i = 0; i < l1_.size(); ++i) {
+    if ((l1_[i] & kOffsetMask) == 0) continue;
+    for (uint64_t j = 0; j < per_table && i * per_table + j < clusters; ++j) {
+      const uint64_t guest_cluster = i * per_table + j;
+      const uint64_t entry = l2_entry(guest_cluster);
+      if (entry == 0) continue;
+      set_l2_entry(guest_cluster, 0);
+      release_entry_later(entry);
+    }
+  }
+  data_dirty_ = true;
+  flush_locked();
+}
+
+void Image::set_backing_file(const std::string& file, const std::string& format) {
+  std::lock_guard lock(mu_);
+  if (read_only_) throw std::system_error(EROFS, std::generic_category(), "image is read-only");
+  if (file.size() > kMaxBackingNameLength) {
+    throw std::system_error(EINVAL, std::generic_category(), "backing file name too long");
+  }
+  flush_locked();
+  Header h = header_;
+  h.backing_file = file;
+  set_backing_format(h, file.empty() ? std::string() : format);
+  if (file.empty()) {
+    h.backing_file_offset = 0;
+    h.backing_file_size = 0;
+  }
+  try {
+    serialize_header(h, cluster_size_);
+  } catch (const Qcow2Error&) {
+    throw std::system_error(ENOSPC, std::generic_category(), "No space left in the file header");
+  }
+  header_ = std::move(h);
   write_header();
   sync_file();
 }

@@ -42,6 +42,9 @@ struct OpenOptions {
   bool unsafe = false;
   // Worker threads of the BlockDevice adapter.
   unsigned workers = 2;
+  // Open the image alone, without its backing chain: unallocated clusters read as zeros
+  // (qemu-img rebase -u, and images whose backing file is gone).
+  bool no_backing = false;
 };
 
 struct CreateOptions {
@@ -118,6 +121,18 @@ struct CheckResult {
 };
 enum class RepairMode { kNone, kLeaks, kAll };
 
+// One internal snapshot's table entry (docs/interop/qcow2.txt, "Snapshot table").
+struct SnapshotInfo {
+  std::string id, name;
+  uint64_t l1_table_offset = 0;
+  uint32_t l1_size = 0;
+  uint32_t date_sec = 0, date_nsec = 0;
+  uint64_t vm_clock_nsec = 0;
+  uint64_t vm_state_size = 0;
+  uint64_t disk_size = 0;
+  int64_t icount = -1;  // -1: not recorded
+};
+
 class Image : public SyncImage {
  public:
   // Opens `path` and its whole backing chain. Throws Qcow2Error for malformed images and
@@ -144,6 +159,21 @@ class Image : public SyncImage {
   // Grows the virtual size (shrinking is refused), relocating the L1 table when it must grow.
   void resize(uint64_t new_size);
   CheckResult check(RepairMode mode);
+  // The internal snapshot table, validated (Qcow2Error for entries past the file's end).
+  std::vector<SnapshotInfo> snapshots();
+  // Internal snapshots as qemu-img snapshot -c/-d/-a make them: refcounts of everything the L1
+  // table reaches change by one and the COPIED flags of the active tables follow. As in QEMU,
+  // apply finds the snapshot by ID first, then by name, and delete by name only (the first one);
+  // std::system_error(ENOENT) when there is none.
+  void create_snapshot(const std::string& name);
+  void delete_snapshot(const std::string& name);
+  void apply_snapshot(const std::string& id_or_name);
+  // Drops every cluster the active L1 table maps (qemu's make_empty after commit), so the image
+  // reads through to its backing file again; freed clusters lose their references on flush.
+  void make_empty();
+  // Rewrites the header to name another backing file ("" removes it) with its format. Only the
+  // header changes: the chain this Image has open stays as it was.
+  void set_backing_file(const std::string& file, const std::string& format);
 
   bool read_only() const { return read_only_; }
   const Header& header() const { return header_; }
@@ -227,6 +257,21 @@ class Image : public SyncImage {
   // them, whatever an untrusted L2 entry says.
   std::unordered_set<uint64_t> refblock_clusters_, l2_clusters_;
   void rebuild_metadata_set();
+
+  // Snapshots (qcow2_snapshot.cpp).
+  struct RawSnapshot {
+    SnapshotInfo info;
+    std::vector<uint8_t> bytes;  // the whole entry, padded to 8 bytes
+  };
+  std::vector<RawSnapshot> read_snapshots_locked();
+  void write_snapshot_table(const std::vector<RawSnapshot>& list);
+  size_t find_snapshot(const std::vector<RawSnapshot>& list, const std::string& id_or_name,
+                       bool by_id) const;
+  std::vector<uint64_t> read_l1(uint64_t offset, uint32_t size);
+  // Adds `addend` (+1, -1 or 0) to the refcount of every L2 table and cluster `l1` reaches and
+  // sets the COPIED flags from the new refcounts; `active` marks changed l1_ entries dirty.
+  void update_snapshot_refcounts(std::vector<uint64_t>& l1, int addend, bool active);
+  uint64_t adjust_refcount(uint64_t cluster, int addend);
 
   std::vector<uint64_t> refcount_table_;
   bool refcount_table_dirty_ = false;

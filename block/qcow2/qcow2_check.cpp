@@ -70,6 +70,7 @@ void Image::walk_l1(uint64_t l1_offset, uint64_t l1_size, bool active, std::vect
         if (active) {
           ++r.allocated_clusters;
           ++r.compressed_clusters;
+          ++r.fragmented_clusters;  // as qemu-img counts them: re-read sector by sector
         }
         continue;
       }

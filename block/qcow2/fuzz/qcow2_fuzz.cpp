@@ -1,4 +1,5 @@
-// libFuzzer target: arbitrary bytes opened as a qcow2 image, then read, mapped and checked.
+// libFuzzer target: arbitrary bytes opened as a qcow2 image, then read, mapped, its snapshot
+// table listed and checked.
 // Any crash, sanitizer report or uncaught exception other than the documented error types is
 // a bug: malformed images must only ever produce Qcow2Error / std::system_error.
 #include <sys/mman.h>
@@ -44,6 +45,10 @@ void exercise(const std::string& path) {
     } catch (const Qcow2Error&) {
       break;
     }
+  }
+  try {
+    image->snapshots();
+  } catch (const Qcow2Error&) {
   }
   image->check(RepairMode::kNone);
 }
