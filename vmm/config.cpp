@@ -114,6 +114,16 @@ SerialConfig parse_serial(const std::string& text) {
   return s;
 }
 
+SerialConfig parse_console(const std::string& text) {
+  if (text.empty()) return {SerialConfig::Mode::kPty, ""};
+  try {
+    return parse_serial(text);
+  } catch (const ConfigError&) {
+    throw ConfigError(
+        fmt::format("invalid --console '{}' (stdio|pty|file:PATH|socket:PATH|off)", text));
+  }
+}
+
 DiskConfig parse_disk(const std::string& text) {
   DiskConfig disk;
   for (const auto& [key, value] : split_options(text)) {
@@ -146,6 +156,11 @@ void VmConfig::validate() const {
   if (memory_bytes < (16ull << 20)) throw ConfigError("--memory must be at least 16M");
   if (cmdline.size() >= kMaxCmdline) throw ConfigError("--cmdline is too long");
   if (name.empty() || name.size() > 64) throw ConfigError("--name must be 1 to 64 characters");
+  if (serial.mode == SerialConfig::Mode::kStdio && console.mode == SerialConfig::Mode::kStdio)
+    throw ConfigError("--serial and --console cannot both use stdio");
+  if (serial.mode == SerialConfig::Mode::kSocket && console.mode == SerialConfig::Mode::kSocket &&
+      serial.path == console.path)
+    throw ConfigError("--serial and --console cannot share a socket path");
 }
 
 void to_json(nlohmann::json& j, const VmConfig& c) {
@@ -160,7 +175,9 @@ void to_json(nlohmann::json& j, const VmConfig& c) {
        {"prealloc", c.prealloc},
        {"no_reboot", c.no_reboot},
        {"rng", c.rng},
+       {"console", serial_to_string(c.console)},
        {"qmp", c.qmp}};
+
   j["disks"] = nlohmann::json::array();
   for (const DiskConfig& d : c.disks)
     j["disks"].push_back({{"path", d.path},
@@ -174,7 +191,7 @@ void from_json(const nlohmann::json& j, VmConfig& c) {
   if (!j.is_object()) throw ConfigError("config: the document must be a JSON object");
   check_known_keys(j,
                    {"name", "kernel", "initramfs", "cmdline", "cpus", "memory", "serial",
-                    "hugepages", "prealloc", "no_reboot", "disks", "rng", "qmp"},
+                    "hugepages", "prealloc", "no_reboot", "disks", "rng", "qmp", "console"},
                    "the VM");
   if (j.contains("name")) c.name = get_field<std::string>(j, "name");
   if (j.contains("kernel")) c.kernel = get_field<std::string>(j, "kernel");
@@ -196,6 +213,7 @@ void from_json(const nlohmann::json& j, VmConfig& c) {
   if (j.contains("no_reboot")) c.no_reboot = get_field<bool>(j, "no_reboot");
   if (j.contains("rng")) c.rng = get_field<bool>(j, "rng");
   if (j.contains("qmp")) c.qmp = get_field<std::string>(j, "qmp");
+  if (j.contains("console")) c.console = parse_console(get_field<std::string>(j, "console"));
   if (j.contains("disks")) {
     if (!j.at("disks").is_array()) throw ConfigError("config: 'disks' must be an array");
     c.disks.clear();
@@ -231,7 +249,7 @@ VmConfig load_config_file(const std::string& path) {
 std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   CLI::App app{"kiln: a virtual machine monitor on Linux KVM", "kiln"};
   app.set_version_flag("--version", kVersion);
-  std::string config_path, memory, serial, cmdline;
+  std::string config_path, memory, serial, cmdline, console;
   std::vector<std::string> disks;
   VmConfig c;
   app.add_option("--config", config_path, "VM config document (JSON); flags override it");
@@ -248,6 +266,9 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   auto* disk = app.add_option(
       "--disk", disks, "path=F[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]");
   auto* rng = app.add_flag("--rng", c.rng, "virtio-rng device");
+  auto* con = app.add_option("--console", console,
+                             "virtio console (hvc0): pty (bare flag)|stdio|file:PATH|socket:PATH")
+                  ->expected(0, 1);
   auto* qmp = app.add_option("--qmp", c.qmp, "QMP socket: unix:PATH[,server]");
   auto* qmpfd = app.add_option("--qmp-fd", c.qmp_fd, "QMP on an inherited socket fd");
   auto* kvmdev = app.add_option("--kvm-device", c.kvm_device, "KVM device node (default /dev/kvm)");
@@ -275,6 +296,7 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   if (pre->count()) result.prealloc = true;
   if (noreboot->count()) result.no_reboot = true;
   if (rng->count()) result.rng = true;
+  if (con->count()) result.console = parse_console(console);
   if (qmp->count()) result.qmp = c.qmp;
   if (qmpfd->count()) result.qmp_fd = c.qmp_fd;
   if (kvmdev->count()) result.kvm_device = c.kvm_device;

@@ -99,6 +99,42 @@ TEST(ConfigDocument, RoundTripsThroughJsonAndFlagsOverrideIt) {
   EXPECT_EQ(loaded->disks[0].serial, "s1");
 }
 
+TEST(CommandLine, ConsoleTakesTheSerialBackendsAndDefaultsToPty) {
+  auto bare = parse({"--kernel", "k", "--console"});
+  ASSERT_TRUE(bare);
+  EXPECT_EQ(bare->console.mode, SerialConfig::Mode::kPty);
+  auto none = parse({"--kernel", "k"});
+  EXPECT_EQ(none->console.mode, SerialConfig::Mode::kOff);
+  auto file = parse({"--kernel", "k", "--console", "file:/tmp/hvc0.log"});
+  EXPECT_EQ(file->console.mode, SerialConfig::Mode::kFile);
+  EXPECT_EQ(file->console.path, "/tmp/hvc0.log");
+  auto sock = parse({"--console", "socket:/tmp/c.sock", "--kernel", "k", "--serial", "off"});
+  EXPECT_EQ(sock->console.mode, SerialConfig::Mode::kSocket);
+  EXPECT_EQ(sock->kernel, "k");
+  EXPECT_THROW(parse({"--kernel", "k", "--console", "tcp:1"}), ConfigError);
+  // Two consoles cannot share the terminal or one socket path.
+  EXPECT_THROW(parse({"--kernel", "k", "--console", "stdio"}), ConfigError);
+  EXPECT_THROW(parse({"--kernel", "k", "--serial", "socket:/s", "--console", "socket:/s"}),
+               ConfigError);
+  EXPECT_TRUE(parse({"--kernel", "k", "--serial", "pty", "--console", "stdio"}));
+}
+
+TEST(ConfigDocument, ConsoleKey) {
+  VmConfig c;
+  c.kernel = "k";
+  c.console = parse_serial("socket:/run/hvc0.sock");
+  nlohmann::json j = c;
+  EXPECT_EQ(j["console"], "socket:/run/hvc0.sock");
+  VmConfig back = j.get<VmConfig>();
+  EXPECT_EQ(back.console.mode, SerialConfig::Mode::kSocket);
+  EXPECT_EQ(back.console.path, "/run/hvc0.sock");
+  VmConfig off = nlohmann::json{{"kernel", "k"}}.get<VmConfig>();
+  EXPECT_EQ(off.console.mode, SerialConfig::Mode::kOff);
+  EXPECT_EQ(nlohmann::json(off)["console"], "off");
+  EXPECT_THROW((nlohmann::json{{"console", "bogus"}}.get<VmConfig>()), ConfigError);
+  EXPECT_THROW((nlohmann::json{{"console", 1}}.get<VmConfig>()), ConfigError);
+}
+
 TEST(ConfigDocument, BadDocumentsAreConfigErrors) {
   auto write = [](const std::string& text) {
     std::string path = ::testing::TempDir() + "/bad.json";

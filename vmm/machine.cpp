@@ -25,6 +25,7 @@
 #include "devices/legacy/sink.h"
 #include "devices/pci/pci_root.h"
 #include "devices/virtio/virtio_blk.h"
+#include "devices/virtio/virtio_console.h"
 #include "devices/virtio/virtio_pci.h"
 #include "devices/virtio/virtio_rng.h"
 #include "hv/kvm.h"
@@ -184,6 +185,7 @@ struct Machine::Impl {
   std::unique_ptr<devices::pci::PciRoot> pci;
   std::vector<std::shared_ptr<devices::virtio::VirtioPciDevice>> virtio_devices;
   std::vector<std::pair<DiskConfig, std::shared_ptr<block::BlockDevice>>> disks;
+  std::shared_ptr<devices::virtio::VirtioConsole> virtio_console;
   std::vector<std::unique_ptr<hv::Vcpu>> vcpus;
   std::vector<std::thread> threads;
 
@@ -283,6 +285,10 @@ void Machine::Impl::create_pci_devices() {
     disks.emplace_back(disk, backend);
   }
   if (config.rng) add_virtio(std::make_shared<virtio::VirtioRng>());
+  if (config.console.mode != SerialConfig::Mode::kOff) {
+    virtio_console = std::make_shared<virtio::VirtioConsole>(console.virtio_write);
+    add_virtio(virtio_console);
+  }
   device_loop.start_thread();
 }
 
@@ -517,6 +523,12 @@ std::vector<control::BlockInfo> Machine::block_info() const {
 
 bool Machine::send_console_input(std::span<const uint8_t> bytes) {
   return impl_->serial->enqueue_input(bytes);
+}
+
+bool Machine::send_virtio_console_input(std::span<const uint8_t> bytes) {
+  if (!impl_->virtio_console) return false;
+  impl_->virtio_console->enqueue_input(bytes);
+  return true;
 }
 
 }  // namespace kiln::vmm

@@ -37,9 +37,11 @@ struct StopEvent {
   StopOrigin origin = StopOrigin::kGuest;
 };
 
-// Where the serial console goes; owned by the caller so it survives a reboot.
+// Where the serial console (and the virtio console, hvc0, when configured) go; owned by the
+// caller so they survive a reboot.
 struct ConsoleIo {
   std::function<void(std::span<const uint8_t>)> write;
+  std::function<void(std::span<const uint8_t>)> virtio_write;
 };
 
 class Machine {
@@ -66,6 +68,8 @@ class Machine {
   std::vector<control::BlockInfo> block_info() const;
   // Host console input for the serial port (stdin reader thread).
   bool send_console_input(std::span<const uint8_t> bytes);
+  // Host input for the virtio console (hvc0); false when there is none.
+  bool send_virtio_console_input(std::span<const uint8_t> bytes);
 
   const VmConfig& config() const { return config_; }
 
