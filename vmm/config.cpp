@@ -176,6 +176,7 @@ void to_json(nlohmann::json& j, const VmConfig& c) {
        {"no_reboot", c.no_reboot},
        {"rng", c.rng},
        {"console", serial_to_string(c.console)},
+       {"balloon", c.balloon},
        {"qmp", c.qmp}};
 
   j["disks"] = nlohmann::json::array();
@@ -189,10 +190,11 @@ void to_json(nlohmann::json& j, const VmConfig& c) {
 
 void from_json(const nlohmann::json& j, VmConfig& c) {
   if (!j.is_object()) throw ConfigError("config: the document must be a JSON object");
-  check_known_keys(j,
-                   {"name", "kernel", "initramfs", "cmdline", "cpus", "memory", "serial",
-                    "hugepages", "prealloc", "no_reboot", "disks", "rng", "qmp", "console"},
-                   "the VM");
+  check_known_keys(
+      j,
+      {"name", "kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "hugepages",
+       "prealloc", "no_reboot", "disks", "rng", "qmp", "console", "balloon"},
+      "the VM");
   if (j.contains("name")) c.name = get_field<std::string>(j, "name");
   if (j.contains("kernel")) c.kernel = get_field<std::string>(j, "kernel");
   if (j.contains("initramfs")) c.initramfs = get_field<std::string>(j, "initramfs");
@@ -214,6 +216,7 @@ void from_json(const nlohmann::json& j, VmConfig& c) {
   if (j.contains("rng")) c.rng = get_field<bool>(j, "rng");
   if (j.contains("qmp")) c.qmp = get_field<std::string>(j, "qmp");
   if (j.contains("console")) c.console = parse_console(get_field<std::string>(j, "console"));
+  if (j.contains("balloon")) c.balloon = get_field<bool>(j, "balloon");
   if (j.contains("disks")) {
     if (!j.at("disks").is_array()) throw ConfigError("config: 'disks' must be an array");
     c.disks.clear();
@@ -269,6 +272,7 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   auto* con = app.add_option("--console", console,
                              "virtio console (hvc0): pty (bare flag)|stdio|file:PATH|socket:PATH")
                   ->expected(0, 1);
+  auto* balloon = app.add_flag("--balloon", c.balloon, "virtio-balloon device (QMP balloon)");
   auto* qmp = app.add_option("--qmp", c.qmp, "QMP socket: unix:PATH[,server]");
   auto* qmpfd = app.add_option("--qmp-fd", c.qmp_fd, "QMP on an inherited socket fd");
   auto* kvmdev = app.add_option("--kvm-device", c.kvm_device, "KVM device node (default /dev/kvm)");
@@ -297,6 +301,7 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   if (noreboot->count()) result.no_reboot = true;
   if (rng->count()) result.rng = true;
   if (con->count()) result.console = parse_console(console);
+  if (balloon->count()) result.balloon = true;
   if (qmp->count()) result.qmp = c.qmp;
   if (qmpfd->count()) result.qmp_fd = c.qmp_fd;
   if (kvmdev->count()) result.kvm_device = c.kvm_device;

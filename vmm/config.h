@@ -46,6 +46,7 @@ struct VmConfig {
   bool rng = false;
   // virtio-console (hvc0) host end; kOff: no device. Same backends as the serial port.
   SerialConfig console{SerialConfig::Mode::kOff, ""};
+  bool balloon = false;
   std::string kvm_device = "/dev/kvm";
   std::string qmp;  // "unix:PATH[,server]"
   int qmp_fd = -1;

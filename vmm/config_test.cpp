@@ -58,7 +58,7 @@ TEST(CommandLine, ParsesEveryFlag) {
       {"--kernel",   "vmlinuz", "--initramfs", "ir.gz",      "--cmdline",   "console=ttyS0 quiet",
        "--cpus",     "4",       "--memory",    "3G",         "--serial",    "off",
        "--name",     "web1",    "--hugepages", "--prealloc", "--no-reboot", "--disk",
-       "path=d.img", "--rng"});
+       "path=d.img", "--rng",   "--balloon"});
   ASSERT_TRUE(c);
   EXPECT_EQ(c->kernel, "vmlinuz");
   EXPECT_EQ(c->initramfs, "ir.gz");
@@ -67,7 +67,7 @@ TEST(CommandLine, ParsesEveryFlag) {
   EXPECT_EQ(c->memory_bytes, 3ull << 30);
   EXPECT_EQ(c->serial.mode, SerialConfig::Mode::kOff);
   EXPECT_EQ(c->name, "web1");
-  EXPECT_TRUE(c->hugepages && c->prealloc && c->no_reboot && c->rng);
+  EXPECT_TRUE(c->hugepages && c->prealloc && c->no_reboot && c->rng && c->balloon);
   ASSERT_EQ(c->disks.size(), 1u);
 }
 
@@ -86,6 +86,7 @@ TEST(ConfigDocument, RoundTripsThroughJsonAndFlagsOverrideIt) {
   c.cpus = 2;
   c.memory_bytes = 1ull << 30;
   c.disks.push_back(parse_disk("path=d.img,format=qcow2,serial=s1"));
+  c.balloon = true;
   nlohmann::json j = c;
   std::string path = ::testing::TempDir() + "/vm.json";
   std::ofstream(path) << j.dump(2);
@@ -97,6 +98,7 @@ TEST(ConfigDocument, RoundTripsThroughJsonAndFlagsOverrideIt) {
   ASSERT_EQ(loaded->disks.size(), 1u);
   EXPECT_EQ(loaded->disks[0].format, "qcow2");
   EXPECT_EQ(loaded->disks[0].serial, "s1");
+  EXPECT_TRUE(loaded->balloon);
 }
 
 TEST(CommandLine, ConsoleTakesTheSerialBackendsAndDefaultsToPty) {

@@ -24,6 +24,7 @@
 #include "devices/legacy/serial.h"
 #include "devices/legacy/sink.h"
 #include "devices/pci/pci_root.h"
+#include "devices/virtio/virtio_balloon.h"
 #include "devices/virtio/virtio_blk.h"
 #include "devices/virtio/virtio_console.h"
 #include "devices/virtio/virtio_pci.h"
@@ -186,6 +187,7 @@ struct Machine::Impl {
   std::vector<std::shared_ptr<devices::virtio::VirtioPciDevice>> virtio_devices;
   std::vector<std::pair<DiskConfig, std::shared_ptr<block::BlockDevice>>> disks;
   std::shared_ptr<devices::virtio::VirtioConsole> virtio_console;
+  std::shared_ptr<devices::virtio::VirtioBalloon> balloon;
   std::vector<std::unique_ptr<hv::Vcpu>> vcpus;
   std::vector<std::thread> threads;
 
@@ -288,6 +290,10 @@ void Machine::Impl::create_pci_devices() {
   if (config.console.mode != SerialConfig::Mode::kOff) {
     virtio_console = std::make_shared<virtio::VirtioConsole>(console.virtio_write);
     add_virtio(virtio_console);
+  }
+  if (config.balloon) {
+    balloon = std::make_shared<virtio::VirtioBalloon>(config.memory_bytes);
+    add_virtio(balloon);
   }
   device_loop.start_thread();
 }
@@ -523,6 +529,17 @@ std::vector<control::BlockInfo> Machine::block_info() const {
 
 bool Machine::send_console_input(std::span<const uint8_t> bytes) {
   return impl_->serial->enqueue_input(bytes);
+}
+
+bool Machine::set_balloon_target(uint64_t bytes) {
+  if (!impl_->balloon) return false;
+  impl_->balloon->set_target(bytes);
+  return true;
+}
+
+std::optional<uint64_t> Machine::balloon_actual() const {
+  if (!impl_->balloon) return std::nullopt;
+  return impl_->balloon->actual_bytes();
 }
 
 bool Machine::send_virtio_console_input(std::span<const uint8_t> bytes) {

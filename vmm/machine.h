@@ -71,6 +71,11 @@ class Machine {
   // Host input for the virtio console (hvc0); false when there is none.
   bool send_virtio_console_input(std::span<const uint8_t> bytes);
 
+  // virtio-balloon: asks the guest to shrink to `bytes`; false without a balloon device.
+  bool set_balloon_target(uint64_t bytes);
+  // The guest's size as the balloon reports it; nullopt without a balloon device.
+  std::optional<uint64_t> balloon_actual() const;
+
   const VmConfig& config() const { return config_; }
 
  private:

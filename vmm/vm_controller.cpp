@@ -149,10 +149,17 @@ void VmController::quit() {
   if (machine_) machine_->request_stop({StopReason::kQuit, 0, "quit by QMP", StopOrigin::kHostQmp});
 }
 
-bool VmController::balloon(uint64_t) {
-  throw control::QmpError("DeviceNotActive", "No balloon device has been activated");
+bool VmController::balloon(uint64_t target_bytes) {
+  if (!config_.balloon) return false;
+  std::lock_guard lock(mutex_);
+  return running_machine().set_balloon_target(target_bytes);
 }
 
-std::optional<uint64_t> VmController::query_balloon() const { return std::nullopt; }
+std::optional<uint64_t> VmController::query_balloon() const {
+  if (!config_.balloon) return std::nullopt;
+  std::lock_guard lock(mutex_);
+  // Between machines (a reboot) the guest has all its RAM.
+  return machine_ ? machine_->balloon_actual() : std::optional<uint64_t>(config_.memory_bytes);
+}
 
 }  // namespace kiln::vmm
