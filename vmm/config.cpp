@@ -124,6 +124,28 @@ SerialConfig parse_console(const std::string& text) {
   }
 }
 
+uint64_t parse_vsock(const std::string& text) {
+  std::optional<uint64_t> cid;
+  for (const auto& [key, value] : split_options(text)) {
+    if (key != "cid")
+      throw ConfigError(
+          fmt::format("--vsock: unknown option '{}' (cid=N)", key.empty() ? value : key));
+    size_t used = 0;
+    try {
+      cid = std::stoull(value, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != value.size() || !std::isdigit(uint8_t(value[0])))
+      throw ConfigError(fmt::format("--vsock: cid '{}' is not a number", value));
+  }
+  if (!cid) throw ConfigError("--vsock needs cid=N");
+  // 0-2 are the hypervisor, local and host CIDs; 0xFFFFFFFF is VMADDR_CID_ANY.
+  if (*cid < 3 || *cid >= 0xFFFF'FFFFull)
+    throw ConfigError(fmt::format("--vsock: cid {} is out of range (3 to 4294967294)", *cid));
+  return *cid;
+}
+
 DiskConfig parse_disk(const std::string& text) {
   DiskConfig disk;
   for (const auto& [key, value] : split_options(text)) {
@@ -177,6 +199,7 @@ void to_json(nlohmann::json& j, const VmConfig& c) {
        {"rng", c.rng},
        {"console", serial_to_string(c.console)},
        {"balloon", c.balloon},
+       {"vsock", c.vsock_cid ? nlohmann::json{{"cid", *c.vsock_cid}} : nlohmann::json()},
        {"qmp", c.qmp}};
 
   j["disks"] = nlohmann::json::array();
@@ -193,7 +216,7 @@ void from_json(const nlohmann::json& j, VmConfig& c) {
   check_known_keys(
       j,
       {"name", "kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "hugepages",
-       "prealloc", "no_reboot", "disks", "rng", "qmp", "console", "balloon"},
+       "prealloc", "no_reboot", "disks", "rng", "qmp", "console", "balloon", "vsock"},
       "the VM");
   if (j.contains("name")) c.name = get_field<std::string>(j, "name");
   if (j.contains("kernel")) c.kernel = get_field<std::string>(j, "kernel");
@@ -217,6 +240,18 @@ void from_json(const nlohmann::json& j, VmConfig& c) {
   if (j.contains("qmp")) c.qmp = get_field<std::string>(j, "qmp");
   if (j.contains("console")) c.console = parse_console(get_field<std::string>(j, "console"));
   if (j.contains("balloon")) c.balloon = get_field<bool>(j, "balloon");
+  if (j.contains("vsock")) {
+    const auto& v = j.at("vsock");
+    if (v.is_null()) {
+      c.vsock_cid.reset();
+    } else {
+      if (!v.is_object()) throw ConfigError("config: 'vsock' must be an object like {\"cid\": 3}");
+      check_known_keys(v, {"cid"}, "vsock");
+      if (!v.contains("cid") || !v.at("cid").is_number_unsigned())
+        throw ConfigError("config: vsock 'cid' must be a number");
+      c.vsock_cid = parse_vsock(fmt::format("cid={}", v.at("cid").get<uint64_t>()));
+    }
+  }
   if (j.contains("disks")) {
     if (!j.at("disks").is_array()) throw ConfigError("config: 'disks' must be an array");
     c.disks.clear();
@@ -252,7 +287,7 @@ VmConfig load_config_file(const std::string& path) {
 std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   CLI::App app{"kiln: a virtual machine monitor on Linux KVM", "kiln"};
   app.set_version_flag("--version", kVersion);
-  std::string config_path, memory, serial, cmdline, console;
+  std::string config_path, memory, serial, cmdline, console, vsock;
   std::vector<std::string> disks;
   VmConfig c;
   app.add_option("--config", config_path, "VM config document (JSON); flags override it");
@@ -273,6 +308,7 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
                              "virtio console (hvc0): pty (bare flag)|stdio|file:PATH|socket:PATH")
                   ->expected(0, 1);
   auto* balloon = app.add_flag("--balloon", c.balloon, "virtio-balloon device (QMP balloon)");
+  auto* vsk = app.add_option("--vsock", vsock, "virtio-vsock over vhost-vsock: cid=N");
   auto* qmp = app.add_option("--qmp", c.qmp, "QMP socket: unix:PATH[,server]");
   auto* qmpfd = app.add_option("--qmp-fd", c.qmp_fd, "QMP on an inherited socket fd");
   auto* kvmdev = app.add_option("--kvm-device", c.kvm_device, "KVM device node (default /dev/kvm)");
@@ -302,6 +338,7 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   if (rng->count()) result.rng = true;
   if (con->count()) result.console = parse_console(console);
   if (balloon->count()) result.balloon = true;
+  if (vsk->count()) result.vsock_cid = parse_vsock(vsock);
   if (qmp->count()) result.qmp = c.qmp;
   if (qmpfd->count()) result.qmp_fd = c.qmp_fd;
   if (kvmdev->count()) result.kvm_device = c.kvm_device;

@@ -47,6 +47,7 @@ struct VmConfig {
   // virtio-console (hvc0) host end; kOff: no device. Same backends as the serial port.
   SerialConfig console{SerialConfig::Mode::kOff, ""};
   bool balloon = false;
+  std::optional<uint64_t> vsock_cid;  // virtio-vsock through the host's vhost-vsock
   std::string kvm_device = "/dev/kvm";
   std::string qmp;  // "unix:PATH[,server]"
   int qmp_fd = -1;
@@ -60,6 +61,8 @@ uint64_t parse_memory_size(const std::string& text);
 SerialConfig parse_serial(const std::string& text);
 // As parse_serial, for --console; an empty text (bare --console) is a pty.
 SerialConfig parse_console(const std::string& text);
+// "cid=N" (3 <= N < 2^32 - 1): the guest's vsock context ID.
+uint64_t parse_vsock(const std::string& text);
 // "path=F[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]"
 DiskConfig parse_disk(const std::string& text);
 

@@ -121,6 +121,32 @@ TEST(CommandLine, ConsoleTakesTheSerialBackendsAndDefaultsToPty) {
   EXPECT_TRUE(parse({"--kernel", "k", "--serial", "pty", "--console", "stdio"}));
 }
 
+TEST(CommandLine, VsockNeedsAUsableCid) {
+  auto c = parse({"--kernel", "k", "--vsock", "cid=3"});
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->vsock_cid, 3u);
+  EXPECT_FALSE(parse({"--kernel", "k"})->vsock_cid);
+  EXPECT_EQ(parse_vsock("cid=4294967294"), 4294967294u);
+  for (const char* bad :
+       {"", "cid=", "cid=2", "cid=0", "cid=4294967295", "cid=x", "cid=-5", "cid=3,port=1", "3"})
+    EXPECT_THROW(parse_vsock(bad), ConfigError) << bad;
+  EXPECT_THROW(parse({"--kernel", "k", "--vsock", "cid=1"}), ConfigError);
+}
+
+TEST(ConfigDocument, VsockKey) {
+  VmConfig c;
+  c.vsock_cid = 7;
+  nlohmann::json j = c;
+  EXPECT_EQ(j["vsock"], (nlohmann::json{{"cid", 7}}));
+  EXPECT_EQ(j.get<VmConfig>().vsock_cid, 7u);
+  EXPECT_TRUE(nlohmann::json(VmConfig{})["vsock"].is_null());
+  EXPECT_FALSE(nlohmann::json(VmConfig{}).get<VmConfig>().vsock_cid);
+  EXPECT_THROW((nlohmann::json{{"vsock", {{"cid", 2}}}}.get<VmConfig>()), ConfigError);
+  EXPECT_THROW((nlohmann::json{{"vsock", {{"cid", "3"}}}}.get<VmConfig>()), ConfigError);
+  EXPECT_THROW((nlohmann::json{{"vsock", {{"cid", 3}, {"port", 1}}}}.get<VmConfig>()), ConfigError);
+  EXPECT_THROW((nlohmann::json{{"vsock", 3}}.get<VmConfig>()), ConfigError);
+}
+
 TEST(ConfigDocument, ConsoleKey) {
   VmConfig c;
   c.kernel = "k";

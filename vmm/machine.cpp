@@ -29,7 +29,9 @@
 #include "devices/virtio/virtio_console.h"
 #include "devices/virtio/virtio_pci.h"
 #include "devices/virtio/virtio_rng.h"
+#include "devices/virtio/virtio_vsock.h"
 #include "hv/kvm.h"
+#include "hv/vhost.h"
 #include "memory/guest_memory.h"
 
 namespace kiln::vmm {
@@ -117,6 +119,54 @@ class KvmNotifyRegistrar : public devices::virtio::NotifyRegistrar {
  private:
   hv::Vm& vm_;
 };
+
+// virtio-vsock's rx and tx queues run in the host kernel's vhost-vsock.
+class VhostVsockBackend : public devices::virtio::VsockBackend {
+ public:
+  explicit VhostVsockBackend(uint64_t cid) {
+    vhost_.set_guest_cid(cid);
+    features_ = vhost_.features();
+  }
+  uint64_t features() const override { return features_; }
+  void start(const devices::virtio::VsockStart& start) override {
+    vhost_.set_features(start.features & features_);
+    std::vector<hv::VhostMemoryRegion> regions;
+    for (const memory::Region& r : start.memory->regions())
+      regions.push_back({r.gpa, r.size, reinterpret_cast<uint64_t>(r.host)});
+    vhost_.set_memory_table(regions);
+    for (const auto& ring : start.rings) {
+      vhost_.set_vring_num(ring.index, ring.size);
+      vhost_.set_vring_base(ring.index, ring.next_avail);
+      vhost_.set_vring_addresses(ring.index, {ring.desc_host, ring.avail_host, ring.used_host});
+      vhost_.set_vring_kick(ring.index, ring.kick_fd);
+      vhost_.set_vring_call(ring.index, ring.call_fd);
+    }
+    vhost_.set_running(true);
+  }
+  void stop() override {
+    vhost_.set_running(false);
+    for (uint32_t index : {devices::virtio::kVsockRxQueue, devices::virtio::kVsockTxQueue})
+      vhost_.get_vring_base(index);  // stops the ring
+  }
+
+ private:
+  hv::VhostVsock vhost_;
+  uint64_t features_ = 0;
+};
+
+std::unique_ptr<VhostVsockBackend> open_vhost_vsock(uint64_t cid) {
+  try {
+    return std::make_unique<VhostVsockBackend>(cid);
+  } catch (const std::system_error& e) {
+    if (e.code().value() == EADDRINUSE)
+      throw ConfigError(
+          fmt::format("--vsock cid={}: the CID is already in use by another VM", cid));
+    if (e.code().value() == ENOENT)
+      throw ConfigError(fmt::format("--vsock: {} does not exist (load the vhost_vsock module)",
+                                    hv::VhostVsock::kDefaultPath));
+    throw ConfigError(fmt::format("--vsock cid={}: {}", cid, e.what()));
+  }
+}
 
 std::shared_ptr<block::BlockDevice> open_disk(const DiskConfig& disk) {
   const auto cache = disk.cache == "none" ? block::CacheMode::kNone : block::CacheMode::kWriteback;
@@ -295,6 +345,9 @@ void Machine::Impl::create_pci_devices() {
     balloon = std::make_shared<virtio::VirtioBalloon>(config.memory_bytes);
     add_virtio(balloon);
   }
+  if (config.vsock_cid)
+    add_virtio(std::make_shared<virtio::VirtioVsock>(
+        *config.vsock_cid, open_vhost_vsock(*config.vsock_cid), device_loop));
   device_loop.start_thread();
 }
 

@@ -58,13 +58,16 @@ struct BalloonState {
 
 class VirtioBalloon : public VirtioDevice {
  public:
-  explicit VirtioBalloon(uint64_t ram_bytes) : ram_bytes_(ram_bytes) {}
+  // deflate_on_oom: let the guest take pages back when it runs out of memory (a Linux guest
+  // then keeps its MemTotal while inflated, so the balloon is invisible there).
+  explicit VirtioBalloon(uint64_t ram_bytes, bool deflate_on_oom = false)
+      : ram_bytes_(ram_bytes), deflate_on_oom_(deflate_on_oom) {}
 
   uint32_t device_type() const override { return kDeviceIdBalloon; }
   uint32_t pci_class_code() const override { return 0x05FF00; }  // memory controller, other
   uint64_t device_features() const override {
     return kFeatureVersion1 | kFeatureRingIndirectDesc | kFeatureRingEventIdx |
-           kBalloonFeatureStatsVq | kBalloonFeatureDeflateOnOom;
+           kBalloonFeatureStatsVq | (deflate_on_oom_ ? kBalloonFeatureDeflateOnOom : 0);
   }
   uint16_t num_queues() const override { return 3; }
   uint32_t config_size() const override { return kBalloonConfigSize; }
@@ -101,6 +104,7 @@ class VirtioBalloon : public VirtioDevice {
   void discard_run_locked(uint64_t gpa, uint64_t pages);
 
   const uint64_t ram_bytes_;
+  const bool deflate_on_oom_;
   std::atomic<uint32_t> num_pages_{0};
   std::atomic<uint32_t> actual_{0};
   mutable std::mutex mutex_;

@@ -63,8 +63,9 @@ TEST(VirtioBalloon, AdvertisesItselfAndItsFeatures) {
   uint64_t features = g.driver.device_features();
   EXPECT_TRUE(features & kFeatureVersion1);
   EXPECT_TRUE(features & kBalloonFeatureStatsVq);
-  EXPECT_TRUE(features & kBalloonFeatureDeflateOnOom);
+  EXPECT_FALSE(features & kBalloonFeatureDeflateOnOom);
   EXPECT_FALSE(features & kBalloonFeatureMustTellHost);
+  EXPECT_TRUE(VirtioBalloon(kRam, true).device_features() & kBalloonFeatureDeflateOnOom);
 }
 
 TEST(VirtioBalloon, InflateGivesThePagesBackToTheHost) {
