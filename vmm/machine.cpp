@@ -595,6 +595,10 @@ std::optional<uint64_t> Machine::balloon_actual() const {
   return impl_->balloon->actual_bytes();
 }
 
+void Machine::set_balloon_listener(std::function<void(uint64_t)> listener) {
+  if (impl_->balloon) impl_->balloon->set_actual_listener(std::move(listener));
+}
+
 bool Machine::send_virtio_console_input(std::span<const uint8_t> bytes) {
   if (!impl_->virtio_console) return false;
   impl_->virtio_console->enqueue_input(bytes);

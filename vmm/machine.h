@@ -75,6 +75,8 @@ class Machine {
   bool set_balloon_target(uint64_t bytes);
   // The guest's size as the balloon reports it; nullopt without a balloon device.
   std::optional<uint64_t> balloon_actual() const;
+  // Called with the guest's new size whenever its balloon driver reports one (vCPU thread).
+  void set_balloon_listener(std::function<void(uint64_t)> listener);
 
   const VmConfig& config() const { return config_; }
 

@@ -34,6 +34,12 @@ void VmController::set_event_sink(EventSink sink) {
 void VmController::attach(Machine* machine) {
   std::lock_guard lock(mutex_);
   machine_ = machine;
+  // BALLOON_CHANGE comes from a vCPU thread: it goes to the sink directly, never through
+  // mutex_ (which stop() holds while it waits for the vCPUs).
+  if (machine && sink_)
+    machine->set_balloon_listener([sink = sink_](uint64_t actual) {
+      sink("BALLOON_CHANGE", nlohmann::json{{"actual", actual}});
+    });
 }
 
 void VmController::with_machine(const std::function<void(Machine&)>& f) {

@@ -56,7 +56,7 @@ void VirtioBalloon::write_config(uint64_t offset, std::span<const uint8_t> data)
     uint32_t shift = uint32_t(at - 4) * 8;
     actual = (actual & ~(0xFFu << shift)) | uint32_t(data[i]) << shift;
   }
-  actual_ = actual;
+  if (actual_.exchange(actual) != actual && actual_listener_) actual_listener_(actual_bytes());
 }
 
 bool VirtioBalloon::activate(const VirtioActivation& activation) {

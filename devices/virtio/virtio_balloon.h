@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -84,6 +85,11 @@ class VirtioBalloon : public VirtioDevice {
   // What the guest has now: RAM minus the pages in the balloon (QMP "query-balloon").
   uint64_t actual_bytes() const;
   uint32_t target_pages() const { return num_pages_.load(); }
+  // Called (on the vCPU thread that wrote the config) with actual_bytes() whenever the driver
+  // reports a new balloon size: QMP's BALLOON_CHANGE. Set before the guest runs.
+  void set_actual_listener(std::function<void(uint64_t)> listener) {
+    actual_listener_ = std::move(listener);
+  }
   uint32_t actual_pages() const { return actual_.load(); }
 
   // Gives the guest's statistics buffer back so that it refills it; false when the driver has
@@ -107,6 +113,7 @@ class VirtioBalloon : public VirtioDevice {
   const bool deflate_on_oom_;
   std::atomic<uint32_t> num_pages_{0};
   std::atomic<uint32_t> actual_{0};
+  std::function<void(uint64_t)> actual_listener_;
   mutable std::mutex mutex_;
   bool active_ = false;
   VirtioActivation activation_;

@@ -110,6 +110,8 @@ TEST(VirtioBalloon, DeflateIsAccepted) {
 
 TEST(VirtioBalloon, TargetAndActualThroughConfigSpace) {
   BalloonGuest g;
+  std::vector<uint64_t> reported;
+  g.balloon->set_actual_listener([&](uint64_t bytes) { reported.push_back(bytes); });
   EXPECT_EQ(g.driver.device_config(0, 4), 0u);
   EXPECT_EQ(g.balloon->actual_bytes(), kRam);
   int before = g.driver.vector(0).triggers;
@@ -122,6 +124,8 @@ TEST(VirtioBalloon, TargetAndActualThroughConfigSpace) {
   EXPECT_EQ(g.driver.device_config(4, 4), 1024u);
   EXPECT_EQ(g.driver.device_config(0, 4), 2048u);
   EXPECT_EQ(g.balloon->actual_bytes(), kRam - (4 << 20));
+  g.driver.write(g.driver.base() + kDeviceCfgOffset + 4, 1024, 4);  // unchanged: no event
+  EXPECT_EQ(reported, std::vector<uint64_t>{kRam - (4 << 20)});
   g.balloon->set_target(kRam * 4);  // more than the guest has: an empty balloon
   EXPECT_EQ(g.driver.device_config(0, 4), 0u);
   // A reset hands every page back.
