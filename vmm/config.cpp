@@ -124,6 +124,17 @@ SerialConfig parse_console(const std::string& text) {
   }
 }
 
+void parse_balloon(const std::string& text, VmConfig& config) {
+  config.balloon = true;
+  for (const auto& [key, value] : split_options(text)) {
+    if (key.empty() && value.empty()) continue;
+    if (key != "deflate-on-oom")
+      throw ConfigError(fmt::format("--balloon: unknown option '{}' (deflate-on-oom=on|off)",
+                                    key.empty() ? value : key));
+    config.balloon_deflate_on_oom = parse_on_off("--balloon deflate-on-oom", value);
+  }
+}
+
 uint64_t parse_vsock(const std::string& text) {
   std::optional<uint64_t> cid;
   for (const auto& [key, value] : split_options(text)) {
@@ -198,7 +209,8 @@ void to_json(nlohmann::json& j, const VmConfig& c) {
        {"no_reboot", c.no_reboot},
        {"rng", c.rng},
        {"console", serial_to_string(c.console)},
-       {"balloon", c.balloon},
+       {"balloon", c.balloon && c.balloon_deflate_on_oom ? nlohmann::json{{"deflate_on_oom", true}}
+                                                         : nlohmann::json(c.balloon)},
        {"vsock", c.vsock_cid ? nlohmann::json{{"cid", *c.vsock_cid}} : nlohmann::json()},
        {"qmp", c.qmp}};
 
@@ -239,7 +251,18 @@ void from_json(const nlohmann::json& j, VmConfig& c) {
   if (j.contains("rng")) c.rng = get_field<bool>(j, "rng");
   if (j.contains("qmp")) c.qmp = get_field<std::string>(j, "qmp");
   if (j.contains("console")) c.console = parse_console(get_field<std::string>(j, "console"));
-  if (j.contains("balloon")) c.balloon = get_field<bool>(j, "balloon");
+  if (j.contains("balloon")) {
+    // true, or an object with the options: {"deflate_on_oom": true}
+    const auto& b = j.at("balloon");
+    if (b.is_object()) {
+      check_known_keys(b, {"deflate_on_oom"}, "balloon");
+      c.balloon = true;
+      if (b.contains("deflate_on_oom"))
+        c.balloon_deflate_on_oom = get_field<bool>(b, "deflate_on_oom");
+    } else {
+      c.balloon = get_field<bool>(j, "balloon");
+    }
+  }
   if (j.contains("vsock")) {
     const auto& v = j.at("vsock");
     if (v.is_null()) {
@@ -307,7 +330,10 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   auto* con = app.add_option("--console", console,
                              "virtio console (hvc0): pty (bare flag)|stdio|file:PATH|socket:PATH")
                   ->expected(0, 1);
-  auto* balloon = app.add_flag("--balloon", c.balloon, "virtio-balloon device (QMP balloon)");
+  std::string balloon_text;
+  auto* balloon = app.add_option("--balloon", balloon_text,
+                                 "virtio-balloon device (QMP balloon) [deflate-on-oom=on]")
+                      ->expected(0, 1);
   auto* vsk = app.add_option("--vsock", vsock, "virtio-vsock over vhost-vsock: cid=N");
   auto* qmp = app.add_option("--qmp", c.qmp, "QMP socket: unix:PATH[,server]");
   auto* qmpfd = app.add_option("--qmp-fd", c.qmp_fd, "QMP on an inherited socket fd");
@@ -337,7 +363,7 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   if (noreboot->count()) result.no_reboot = true;
   if (rng->count()) result.rng = true;
   if (con->count()) result.console = parse_console(console);
-  if (balloon->count()) result.balloon = true;
+  if (balloon->count()) parse_balloon(balloon_text, result);
   if (vsk->count()) result.vsock_cid = parse_vsock(vsock);
   if (qmp->count()) result.qmp = c.qmp;
   if (qmpfd->count()) result.qmp_fd = c.qmp_fd;

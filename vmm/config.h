@@ -47,7 +47,8 @@ struct VmConfig {
   // virtio-console (hvc0) host end; kOff: no device. Same backends as the serial port.
   SerialConfig console{SerialConfig::Mode::kOff, ""};
   bool balloon = false;
-  std::optional<uint64_t> vsock_cid;  // virtio-vsock through the host's vhost-vsock
+  bool balloon_deflate_on_oom = false;  // --balloon deflate-on-oom=on
+  std::optional<uint64_t> vsock_cid;    // virtio-vsock through the host's vhost-vsock
   std::string kvm_device = "/dev/kvm";
   std::string qmp;  // "unix:PATH[,server]"
   int qmp_fd = -1;
@@ -61,6 +62,8 @@ uint64_t parse_memory_size(const std::string& text);
 SerialConfig parse_serial(const std::string& text);
 // As parse_serial, for --console; an empty text (bare --console) is a pty.
 SerialConfig parse_console(const std::string& text);
+// Options of --balloon ("" or "deflate-on-oom=on|off") into `config`.
+void parse_balloon(const std::string& text, VmConfig& config);
 // "cid=N" (3 <= N < 2^32 - 1): the guest's vsock context ID.
 uint64_t parse_vsock(const std::string& text);
 // "path=F[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]"

@@ -133,6 +133,25 @@ TEST(CommandLine, VsockNeedsAUsableCid) {
   EXPECT_THROW(parse({"--kernel", "k", "--vsock", "cid=1"}), ConfigError);
 }
 
+TEST(CommandLine, BalloonOptions) {
+  auto plain = parse({"--kernel", "k", "--balloon"});
+  EXPECT_TRUE(plain->balloon);
+  EXPECT_FALSE(plain->balloon_deflate_on_oom);
+  auto oom = parse({"--balloon", "deflate-on-oom=on", "--kernel", "k"});
+  EXPECT_TRUE(oom->balloon && oom->balloon_deflate_on_oom);
+  EXPECT_THROW(parse({"--kernel", "k", "--balloon", "deflate-on-oom=maybe"}), ConfigError);
+  EXPECT_THROW(parse({"--kernel", "k", "--balloon", "stats=on"}), ConfigError);
+  VmConfig c;
+  c.balloon = c.balloon_deflate_on_oom = true;
+  nlohmann::json j = c;
+  EXPECT_EQ(j["balloon"], (nlohmann::json{{"deflate_on_oom", true}}));
+  VmConfig back = j.get<VmConfig>();
+  EXPECT_TRUE(back.balloon && back.balloon_deflate_on_oom);
+  EXPECT_TRUE((nlohmann::json{{"balloon", true}}.get<VmConfig>().balloon));
+  EXPECT_THROW((nlohmann::json{{"balloon", {{"oom", true}}}}.get<VmConfig>()), ConfigError);
+  EXPECT_THROW((nlohmann::json{{"balloon", "yes"}}.get<VmConfig>()), ConfigError);
+}
+
 TEST(ConfigDocument, VsockKey) {
   VmConfig c;
   c.vsock_cid = 7;

@@ -342,7 +342,8 @@ void Machine::Impl::create_pci_devices() {
     add_virtio(virtio_console);
   }
   if (config.balloon) {
-    balloon = std::make_shared<virtio::VirtioBalloon>(config.memory_bytes);
+    balloon =
+        std::make_shared<virtio::VirtioBalloon>(config.memory_bytes, config.balloon_deflate_on_oom);
     add_virtio(balloon);
   }
   if (config.vsock_cid)
