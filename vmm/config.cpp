@@ -114,6 +114,49 @@ SerialConfig parse_serial(const std::string& text) {
   return s;
 }
 
+SerialConfig parse_console(const std::string& text) {
+  if (text.empty()) return {SerialConfig::Mode::kPty, ""};
+  try {
+    return parse_serial(text);
+  } catch (const ConfigError&) {
+    throw ConfigError(
+        fmt::format("invalid --console '{}' (stdio|pty|file:PATH|socket:PATH|off)", text));
+  }
+}
+
+void parse_balloon(const std::string& text, VmConfig& config) {
+  config.balloon = true;
+  for (const auto& [key, value] : split_options(text)) {
+    if (key.empty() && value.empty()) continue;
+    if (key != "deflate-on-oom")
+      throw ConfigError(fmt::format("--balloon: unknown option '{}' (deflate-on-oom=on|off)",
+                                    key.empty() ? value : key));
+    config.balloon_deflate_on_oom = parse_on_off("--balloon deflate-on-oom", value);
+  }
+}
+
+uint64_t parse_vsock(const std::string& text) {
+  std::optional<uint64_t> cid;
+  for (const auto& [key, value] : split_options(text)) {
+    if (key != "cid")
+      throw ConfigError(
+          fmt::format("--vsock: unknown option '{}' (cid=N)", key.empty() ? value : key));
+    size_t used = 0;
+    try {
+      cid = std::stoull(value, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != value.size() || !std::isdigit(uint8_t(value[0])))
+      throw ConfigError(fmt::format("--vsock: cid '{}' is not a number", value));
+  }
+  if (!cid) throw ConfigError("--vsock needs cid=N");
+  // 0-2 are the hypervisor, local and host CIDs; 0xFFFFFFFF is VMADDR_CID_ANY.
+  if (*cid < 3 || *cid >= 0xFFFF'FFFFull)
+    throw ConfigError(fmt::format("--vsock: cid {} is out of range (3 to 4294967294)", *cid));
+  return *cid;
+}
+
 DiskConfig parse_disk(const std::string& text) {
   DiskConfig disk;
   for (const auto& [key, value] : split_options(text)) {
@@ -146,6 +189,11 @@ void VmConfig::validate() const {
   if (memory_bytes < (16ull << 20)) throw ConfigError("--memory must be at least 16M");
   if (cmdline.size() >= kMaxCmdline) throw ConfigError("--cmdline is too long");
   if (name.empty() || name.size() > 64) throw ConfigError("--name must be 1 to 64 characters");
+  if (serial.mode == SerialConfig::Mode::kStdio && console.mode == SerialConfig::Mode::kStdio)
+    throw ConfigError("--serial and --console cannot both use stdio");
+  if (serial.mode == SerialConfig::Mode::kSocket && console.mode == SerialConfig::Mode::kSocket &&
+      serial.path == console.path)
+    throw ConfigError("--serial and --console cannot share a socket path");
 }
 
 void to_json(nlohmann::json& j, const VmConfig& c) {
@@ -160,7 +208,12 @@ void to_json(nlohmann::json& j, const VmConfig& c) {
        {"prealloc", c.prealloc},
        {"no_reboot", c.no_reboot},
        {"rng", c.rng},
+       {"console", serial_to_string(c.console)},
+       {"balloon", c.balloon && c.balloon_deflate_on_oom ? nlohmann::json{{"deflate_on_oom", true}}
+                                                         : nlohmann::json(c.balloon)},
+       {"vsock", c.vsock_cid ? nlohmann::json{{"cid", *c.vsock_cid}} : nlohmann::json()},
        {"qmp", c.qmp}};
+
   j["disks"] = nlohmann::json::array();
   for (const DiskConfig& d : c.disks)
     j["disks"].push_back({{"path", d.path},
@@ -172,10 +225,11 @@ void to_json(nlohmann::json& j, const VmConfig& c) {
 
 void from_json(const nlohmann::json& j, VmConfig& c) {
   if (!j.is_object()) throw ConfigError("config: the document must be a JSON object");
-  check_known_keys(j,
-                   {"name", "kernel", "initramfs", "cmdline", "cpus", "memory", "serial",
-                    "hugepages", "prealloc", "no_reboot", "disks", "rng", "qmp"},
-                   "the VM");
+  check_known_keys(
+      j,
+      {"name", "kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "hugepages",
+       "prealloc", "no_reboot", "disks", "rng", "qmp", "console", "balloon", "vsock"},
+      "the VM");
   if (j.contains("name")) c.name = get_field<std::string>(j, "name");
   if (j.contains("kernel")) c.kernel = get_field<std::string>(j, "kernel");
   if (j.contains("initramfs")) c.initramfs = get_field<std::string>(j, "initramfs");
@@ -196,6 +250,31 @@ void from_json(const nlohmann::json& j, VmConfig& c) {
   if (j.contains("no_reboot")) c.no_reboot = get_field<bool>(j, "no_reboot");
   if (j.contains("rng")) c.rng = get_field<bool>(j, "rng");
   if (j.contains("qmp")) c.qmp = get_field<std::string>(j, "qmp");
+  if (j.contains("console")) c.console = parse_console(get_field<std::string>(j, "console"));
+  if (j.contains("balloon")) {
+    // true, or an object with the options: {"deflate_on_oom": true}
+    const auto& b = j.at("balloon");
+    if (b.is_object()) {
+      check_known_keys(b, {"deflate_on_oom"}, "balloon");
+      c.balloon = true;
+      if (b.contains("deflate_on_oom"))
+        c.balloon_deflate_on_oom = get_field<bool>(b, "deflate_on_oom");
+    } else {
+      c.balloon = get_field<bool>(j, "balloon");
+    }
+  }
+  if (j.contains("vsock")) {
+    const auto& v = j.at("vsock");
+    if (v.is_null()) {
+      c.vsock_cid.reset();
+    } else {
+      if (!v.is_object()) throw ConfigError("config: 'vsock' must be an object like {\"cid\": 3}");
+      check_known_keys(v, {"cid"}, "vsock");
+      if (!v.contains("cid") || !v.at("cid").is_number_unsigned())
+        throw ConfigError("config: vsock 'cid' must be a number");
+      c.vsock_cid = parse_vsock(fmt::format("cid={}", v.at("cid").get<uint64_t>()));
+    }
+  }
   if (j.contains("disks")) {
     if (!j.at("disks").is_array()) throw ConfigError("config: 'disks' must be an array");
     c.disks.clear();
@@ -231,7 +310,7 @@ VmConfig load_config_file(const std::string& path) {
 std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   CLI::App app{"kiln: a virtual machine monitor on Linux KVM", "kiln"};
   app.set_version_flag("--version", kVersion);
-  std::string config_path, memory, serial, cmdline;
+  std::string config_path, memory, serial, cmdline, console, vsock;
   std::vector<std::string> disks;
   VmConfig c;
   app.add_option("--config", config_path, "VM config document (JSON); flags override it");
@@ -248,6 +327,14 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   auto* disk = app.add_option(
       "--disk", disks, "path=F[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]");
   auto* rng = app.add_flag("--rng", c.rng, "virtio-rng device");
+  auto* con = app.add_option("--console", console,
+                             "virtio console (hvc0): pty (bare flag)|stdio|file:PATH|socket:PATH")
+                  ->expected(0, 1);
+  std::string balloon_text;
+  auto* balloon = app.add_option("--balloon", balloon_text,
+                                 "virtio-balloon device (QMP balloon) [deflate-on-oom=on]")
+                      ->expected(0, 1);
+  auto* vsk = app.add_option("--vsock", vsock, "virtio-vsock over vhost-vsock: cid=N");
   auto* qmp = app.add_option("--qmp", c.qmp, "QMP socket: unix:PATH[,server]");
   auto* qmpfd = app.add_option("--qmp-fd", c.qmp_fd, "QMP on an inherited socket fd");
   auto* kvmdev = app.add_option("--kvm-device", c.kvm_device, "KVM device node (default /dev/kvm)");
@@ -275,6 +362,9 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   if (pre->count()) result.prealloc = true;
   if (noreboot->count()) result.no_reboot = true;
   if (rng->count()) result.rng = true;
+  if (con->count()) result.console = parse_console(console);
+  if (balloon->count()) parse_balloon(balloon_text, result);
+  if (vsk->count()) result.vsock_cid = parse_vsock(vsock);
   if (qmp->count()) result.qmp = c.qmp;
   if (qmpfd->count()) result.qmp_fd = c.qmp_fd;
   if (kvmdev->count()) result.kvm_device = c.kvm_device;

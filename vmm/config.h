@@ -44,6 +44,11 @@ struct VmConfig {
   bool no_reboot = false;
   std::vector<DiskConfig> disks;
   bool rng = false;
+  // virtio-console (hvc0) host end; kOff: no device. Same backends as the serial port.
+  SerialConfig console{SerialConfig::Mode::kOff, ""};
+  bool balloon = false;
+  bool balloon_deflate_on_oom = false;  // --balloon deflate-on-oom=on
+  std::optional<uint64_t> vsock_cid;    // virtio-vsock through the host's vhost-vsock
   std::string kvm_device = "/dev/kvm";
   std::string qmp;  // "unix:PATH[,server]"
   int qmp_fd = -1;
@@ -55,6 +60,12 @@ struct VmConfig {
 // "512M", "3G", "1024" (MiB, as QEMU's -m), "1T": bytes. Throws ConfigError.
 uint64_t parse_memory_size(const std::string& text);
 SerialConfig parse_serial(const std::string& text);
+// As parse_serial, for --console; an empty text (bare --console) is a pty.
+SerialConfig parse_console(const std::string& text);
+// Options of --balloon ("" or "deflate-on-oom=on|off") into `config`.
+void parse_balloon(const std::string& text, VmConfig& config);
+// "cid=N" (3 <= N < 2^32 - 1): the guest's vsock context ID.
+uint64_t parse_vsock(const std::string& text);
 // "path=F[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]"
 DiskConfig parse_disk(const std::string& text);
 

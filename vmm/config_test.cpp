@@ -58,7 +58,7 @@ TEST(CommandLine, ParsesEveryFlag) {
       {"--kernel",   "vmlinuz", "--initramfs", "ir.gz",      "--cmdline",   "console=ttyS0 quiet",
        "--cpus",     "4",       "--memory",    "3G",         "--serial",    "off",
        "--name",     "web1",    "--hugepages", "--prealloc", "--no-reboot", "--disk",
-       "path=d.img", "--rng"});
+       "path=d.img", "--rng",   "--balloon"});
   ASSERT_TRUE(c);
   EXPECT_EQ(c->kernel, "vmlinuz");
   EXPECT_EQ(c->initramfs, "ir.gz");
@@ -67,7 +67,7 @@ TEST(CommandLine, ParsesEveryFlag) {
   EXPECT_EQ(c->memory_bytes, 3ull << 30);
   EXPECT_EQ(c->serial.mode, SerialConfig::Mode::kOff);
   EXPECT_EQ(c->name, "web1");
-  EXPECT_TRUE(c->hugepages && c->prealloc && c->no_reboot && c->rng);
+  EXPECT_TRUE(c->hugepages && c->prealloc && c->no_reboot && c->rng && c->balloon);
   ASSERT_EQ(c->disks.size(), 1u);
 }
 
@@ -86,6 +86,7 @@ TEST(ConfigDocument, RoundTripsThroughJsonAndFlagsOverrideIt) {
   c.cpus = 2;
   c.memory_bytes = 1ull << 30;
   c.disks.push_back(parse_disk("path=d.img,format=qcow2,serial=s1"));
+  c.balloon = true;
   nlohmann::json j = c;
   std::string path = ::testing::TempDir() + "/vm.json";
   std::ofstream(path) << j.dump(2);
@@ -97,6 +98,88 @@ TEST(ConfigDocument, RoundTripsThroughJsonAndFlagsOverrideIt) {
   ASSERT_EQ(loaded->disks.size(), 1u);
   EXPECT_EQ(loaded->disks[0].format, "qcow2");
   EXPECT_EQ(loaded->disks[0].serial, "s1");
+  EXPECT_TRUE(loaded->balloon);
+}
+
+TEST(CommandLine, ConsoleTakesTheSerialBackendsAndDefaultsToPty) {
+  auto bare = parse({"--kernel", "k", "--console"});
+  ASSERT_TRUE(bare);
+  EXPECT_EQ(bare->console.mode, SerialConfig::Mode::kPty);
+  auto none = parse({"--kernel", "k"});
+  EXPECT_EQ(none->console.mode, SerialConfig::Mode::kOff);
+  auto file = parse({"--kernel", "k", "--console", "file:/tmp/hvc0.log"});
+  EXPECT_EQ(file->console.mode, SerialConfig::Mode::kFile);
+  EXPECT_EQ(file->console.path, "/tmp/hvc0.log");
+  auto sock = parse({"--console", "socket:/tmp/c.sock", "--kernel", "k", "--serial", "off"});
+  EXPECT_EQ(sock->console.mode, SerialConfig::Mode::kSocket);
+  EXPECT_EQ(sock->kernel, "k");
+  EXPECT_THROW(parse({"--kernel", "k", "--console", "tcp:1"}), ConfigError);
+  // Two consoles cannot share the terminal or one socket path.
+  EXPECT_THROW(parse({"--kernel", "k", "--console", "stdio"}), ConfigError);
+  EXPECT_THROW(parse({"--kernel", "k", "--serial", "socket:/s", "--console", "socket:/s"}),
+               ConfigError);
+  EXPECT_TRUE(parse({"--kernel", "k", "--serial", "pty", "--console", "stdio"}));
+}
+
+TEST(CommandLine, VsockNeedsAUsableCid) {
+  auto c = parse({"--kernel", "k", "--vsock", "cid=3"});
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->vsock_cid, 3u);
+  EXPECT_FALSE(parse({"--kernel", "k"})->vsock_cid);
+  EXPECT_EQ(parse_vsock("cid=4294967294"), 4294967294u);
+  for (const char* bad :
+       {"", "cid=", "cid=2", "cid=0", "cid=4294967295", "cid=x", "cid=-5", "cid=3,port=1", "3"})
+    EXPECT_THROW(parse_vsock(bad), ConfigError) << bad;
+  EXPECT_THROW(parse({"--kernel", "k", "--vsock", "cid=1"}), ConfigError);
+}
+
+TEST(CommandLine, BalloonOptions) {
+  auto plain = parse({"--kernel", "k", "--balloon"});
+  EXPECT_TRUE(plain->balloon);
+  EXPECT_FALSE(plain->balloon_deflate_on_oom);
+  auto oom = parse({"--balloon", "deflate-on-oom=on", "--kernel", "k"});
+  EXPECT_TRUE(oom->balloon && oom->balloon_deflate_on_oom);
+  EXPECT_THROW(parse({"--kernel", "k", "--balloon", "deflate-on-oom=maybe"}), ConfigError);
+  EXPECT_THROW(parse({"--kernel", "k", "--balloon", "stats=on"}), ConfigError);
+  VmConfig c;
+  c.balloon = c.balloon_deflate_on_oom = true;
+  nlohmann::json j = c;
+  EXPECT_EQ(j["balloon"], (nlohmann::json{{"deflate_on_oom", true}}));
+  VmConfig back = j.get<VmConfig>();
+  EXPECT_TRUE(back.balloon && back.balloon_deflate_on_oom);
+  EXPECT_TRUE((nlohmann::json{{"balloon", true}}.get<VmConfig>().balloon));
+  EXPECT_THROW((nlohmann::json{{"balloon", {{"oom", true}}}}.get<VmConfig>()), ConfigError);
+  EXPECT_THROW((nlohmann::json{{"balloon", "yes"}}.get<VmConfig>()), ConfigError);
+}
+
+TEST(ConfigDocument, VsockKey) {
+  VmConfig c;
+  c.vsock_cid = 7;
+  nlohmann::json j = c;
+  EXPECT_EQ(j["vsock"], (nlohmann::json{{"cid", 7}}));
+  EXPECT_EQ(j.get<VmConfig>().vsock_cid, 7u);
+  EXPECT_TRUE(nlohmann::json(VmConfig{})["vsock"].is_null());
+  EXPECT_FALSE(nlohmann::json(VmConfig{}).get<VmConfig>().vsock_cid);
+  EXPECT_THROW((nlohmann::json{{"vsock", {{"cid", 2}}}}.get<VmConfig>()), ConfigError);
+  EXPECT_THROW((nlohmann::json{{"vsock", {{"cid", "3"}}}}.get<VmConfig>()), ConfigError);
+  EXPECT_THROW((nlohmann::json{{"vsock", {{"cid", 3}, {"port", 1}}}}.get<VmConfig>()), ConfigError);
+  EXPECT_THROW((nlohmann::json{{"vsock", 3}}.get<VmConfig>()), ConfigError);
+}
+
+TEST(ConfigDocument, ConsoleKey) {
+  VmConfig c;
+  c.kernel = "k";
+  c.console = parse_serial("socket:/run/hvc0.sock");
+  nlohmann::json j = c;
+  EXPECT_EQ(j["console"], "socket:/run/hvc0.sock");
+  VmConfig back = j.get<VmConfig>();
+  EXPECT_EQ(back.console.mode, SerialConfig::Mode::kSocket);
+  EXPECT_EQ(back.console.path, "/run/hvc0.sock");
+  VmConfig off = nlohmann::json{{"kernel", "k"}}.get<VmConfig>();
+  EXPECT_EQ(off.console.mode, SerialConfig::Mode::kOff);
+  EXPECT_EQ(nlohmann::json(off)["console"], "off");
+  EXPECT_THROW((nlohmann::json{{"console", "bogus"}}.get<VmConfig>()), ConfigError);
+  EXPECT_THROW((nlohmann::json{{"console", 1}}.get<VmConfig>()), ConfigError);
 }
 
 TEST(ConfigDocument, BadDocumentsAreConfigErrors) {

@@ -120,20 +120,27 @@ class FdConsole : public HostConsole {
 // A unix socket server: output goes to the connected client (or nowhere), input comes from it.
 class SocketConsole : public HostConsole {
  public:
-  explicit SocketConsole(const std::string& path) : path_(path) {
+  SocketConsole(const std::string& path, const std::string& flag) : path_(path) {
     sockaddr_un addr{};
     if (path.size() >= sizeof(addr.sun_path))
-      throw ConfigError(fmt::format("--serial socket path is too long: {}", path));
+      throw ConfigError(fmt::format("{} socket path is too long: {}", flag, path));
     listener_.reset(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
     addr.sun_family = AF_UNIX;
     std::strcpy(addr.sun_path, path.c_str());
     ::unlink(path.c_str());
     if (::bind(listener_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0 ||
         ::listen(listener_.get(), 1) < 0)
-      throw ConfigError(fmt::format("--serial socket:{}: {}", path, std::strerror(errno)));
+      throw ConfigError(fmt::format("{} socket:{}: {}", flag, path, std::strerror(errno)));
   }
   ~SocketConsole() override {
     ::unlink(path_.c_str());
+    {
+      // Wake the thread wherever it blocks: accept() on the listener, or read() on a client
+      // that is still connected (without this, kiln hung at exit while a client was attached).
+      std::lock_guard lock(mutex_);
+      closing_ = true;
+      if (client_ >= 0) ::shutdown(client_, SHUT_RDWR);
+    }
     ::shutdown(listener_.get(), SHUT_RDWR);
     if (thread_.joinable()) thread_.join();
   }
@@ -156,7 +163,10 @@ class SocketConsole : public HostConsole {
         if (errno == EINTR) continue;
         return;
       }
-      set_client(fd);
+      if (!set_client(fd)) {
+        ::close(fd);
+        return;
+      }
       uint8_t buffer[256];
       ssize_t n;
       while ((n = ::read(fd, buffer, sizeof(buffer))) > 0 || (n < 0 && errno == EINTR))
@@ -165,49 +175,54 @@ class SocketConsole : public HostConsole {
       ::close(fd);
     }
   }
-  void set_client(int fd) {
+  // False when the console is closing (the new client is not served).
+  bool set_client(int fd) {
     std::lock_guard lock(mutex_);
+    if (closing_ && fd >= 0) return false;
     client_ = fd;
+    return true;
   }
 
   std::string path_;
   UniqueFd listener_;
   std::mutex mutex_;
   int client_ = -1;
+  bool closing_ = false;
   std::thread thread_;
 };
 
-std::unique_ptr<HostConsole> open_pty() {
+std::unique_ptr<HostConsole> open_pty(const std::string& flag) {
   int master = -1, slave = -1;
   char name[128] = {};
   if (openpty(&master, &slave, name, nullptr, nullptr) < 0)
-    throw ConfigError(fmt::format("--serial pty: {}", std::strerror(errno)));
+    throw ConfigError(fmt::format("{} pty: {}", flag, std::strerror(errno)));
   termios raw{};
   tcgetattr(slave, &raw);
   cfmakeraw(&raw);
   tcsetattr(slave, TCSANOW, &raw);
   ::close(slave);
-  fmt::print(stderr, "kiln: serial console on {}\n", name);
+  fmt::print(stderr, "kiln: {} on {}\n",
+             flag == "--serial" ? "serial console" : "virtio console (hvc0)", name);
   int input = ::dup(master);
   return std::make_unique<FdConsole>(UniqueFd(master), UniqueFd(input), true);
 }
 
 }  // namespace
 
-std::unique_ptr<HostConsole> open_console(const SerialConfig& config) {
+std::unique_ptr<HostConsole> open_console(const SerialConfig& config, const std::string& flag) {
   switch (config.mode) {
     case SerialConfig::Mode::kStdio:
       return std::make_unique<StdioConsole>();
     case SerialConfig::Mode::kPty:
-      return open_pty();
+      return open_pty(flag);
     case SerialConfig::Mode::kFile: {
       int fd = ::open(config.path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
       if (fd < 0)
-        throw ConfigError(fmt::format("--serial file:{}: {}", config.path, std::strerror(errno)));
+        throw ConfigError(fmt::format("{} file:{}: {}", flag, config.path, std::strerror(errno)));
       return std::make_unique<FdConsole>(UniqueFd(fd), UniqueFd());
     }
     case SerialConfig::Mode::kSocket:
-      return std::make_unique<SocketConsole>(config.path);
+      return std::make_unique<SocketConsole>(config.path, flag);
     case SerialConfig::Mode::kOff:
       return std::make_unique<FdConsole>(UniqueFd(), UniqueFd());
   }

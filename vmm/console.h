@@ -5,6 +5,7 @@
 #include <functional>
 #include <memory>
 #include <span>
+#include <string>
 
 #include "vmm/config.h"
 
@@ -20,7 +21,9 @@ class HostConsole {
                      std::function<void()> quit) = 0;
 };
 
-// Throws ConfigError if the console cannot be opened (bad file path, socket in use).
-std::unique_ptr<HostConsole> open_console(const SerialConfig& config);
+// Throws ConfigError if the console cannot be opened (bad file path, socket in use). `flag`
+// names the option in messages: "--serial" (the 16550) or "--console" (virtio-console, hvc0).
+std::unique_ptr<HostConsole> open_console(const SerialConfig& config,
+                                          const std::string& flag = "--serial");
 
 }  // namespace kiln::vmm

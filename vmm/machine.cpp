@@ -24,10 +24,14 @@
 #include "devices/legacy/serial.h"
 #include "devices/legacy/sink.h"
 #include "devices/pci/pci_root.h"
+#include "devices/virtio/virtio_balloon.h"
 #include "devices/virtio/virtio_blk.h"
+#include "devices/virtio/virtio_console.h"
 #include "devices/virtio/virtio_pci.h"
 #include "devices/virtio/virtio_rng.h"
+#include "devices/virtio/virtio_vsock.h"
 #include "hv/kvm.h"
+#include "hv/vhost.h"
 #include "memory/guest_memory.h"
 
 namespace kiln::vmm {
@@ -116,6 +120,54 @@ class KvmNotifyRegistrar : public devices::virtio::NotifyRegistrar {
   hv::Vm& vm_;
 };
 
+// virtio-vsock's rx and tx queues run in the host kernel's vhost-vsock.
+class VhostVsockBackend : public devices::virtio::VsockBackend {
+ public:
+  explicit VhostVsockBackend(uint64_t cid) {
+    vhost_.set_guest_cid(cid);
+    features_ = vhost_.features();
+  }
+  uint64_t features() const override { return features_; }
+  void start(const devices::virtio::VsockStart& start) override {
+    vhost_.set_features(start.features & features_);
+    std::vector<hv::VhostMemoryRegion> regions;
+    for (const memory::Region& r : start.memory->regions())
+      regions.push_back({r.gpa, r.size, reinterpret_cast<uint64_t>(r.host)});
+    vhost_.set_memory_table(regions);
+    for (const auto& ring : start.rings) {
+      vhost_.set_vring_num(ring.index, ring.size);
+      vhost_.set_vring_base(ring.index, ring.next_avail);
+      vhost_.set_vring_addresses(ring.index, {ring.desc_host, ring.avail_host, ring.used_host});
+      vhost_.set_vring_kick(ring.index, ring.kick_fd);
+      vhost_.set_vring_call(ring.index, ring.call_fd);
+    }
+    vhost_.set_running(true);
+  }
+  void stop() override {
+    vhost_.set_running(false);
+    for (uint32_t index : {devices::virtio::kVsockRxQueue, devices::virtio::kVsockTxQueue})
+      vhost_.get_vring_base(index);  // stops the ring
+  }
+
+ private:
+  hv::VhostVsock vhost_;
+  uint64_t features_ = 0;
+};
+
+std::unique_ptr<VhostVsockBackend> open_vhost_vsock(uint64_t cid) {
+  try {
+    return std::make_unique<VhostVsockBackend>(cid);
+  } catch (const std::system_error& e) {
+    if (e.code().value() == EADDRINUSE)
+      throw ConfigError(
+          fmt::format("--vsock cid={}: the CID is already in use by another VM", cid));
+    if (e.code().value() == ENOENT)
+      throw ConfigError(fmt::format("--vsock: {} does not exist (load the vhost_vsock module)",
+                                    hv::VhostVsock::kDefaultPath));
+    throw ConfigError(fmt::format("--vsock cid={}: {}", cid, e.what()));
+  }
+}
+
 std::shared_ptr<block::BlockDevice> open_disk(const DiskConfig& disk) {
   const auto cache = disk.cache == "none" ? block::CacheMode::kNone : block::CacheMode::kWriteback;
   try {
@@ -195,6 +247,8 @@ struct Machine::Impl {
     std::shared_ptr<devices::virtio::VirtioBlock> device;
   };
   std::vector<AttachedDisk> disks;
+  std::shared_ptr<devices::virtio::VirtioConsole> virtio_console;
+  std::shared_ptr<devices::virtio::VirtioBalloon> balloon;
   std::vector<std::unique_ptr<hv::Vcpu>> vcpus;
   std::vector<std::thread> threads;
 
@@ -295,6 +349,18 @@ void Machine::Impl::create_pci_devices() {
     disks.push_back({disk, backend, device});
   }
   if (config.rng) add_virtio(std::make_shared<virtio::VirtioRng>());
+  if (config.console.mode != SerialConfig::Mode::kOff) {
+    virtio_console = std::make_shared<virtio::VirtioConsole>(console.virtio_write);
+    add_virtio(virtio_console);
+  }
+  if (config.balloon) {
+    balloon =
+        std::make_shared<virtio::VirtioBalloon>(config.memory_bytes, config.balloon_deflate_on_oom);
+    add_virtio(balloon);
+  }
+  if (config.vsock_cid)
+    add_virtio(std::make_shared<virtio::VirtioVsock>(
+        *config.vsock_cid, open_vhost_vsock(*config.vsock_cid), device_loop));
   device_loop.start_thread();
 }
 
@@ -562,6 +628,27 @@ std::vector<control::BlockStats> Machine::block_stats() const {
 
 bool Machine::send_console_input(std::span<const uint8_t> bytes) {
   return impl_->serial->enqueue_input(bytes);
+}
+
+bool Machine::set_balloon_target(uint64_t bytes) {
+  if (!impl_->balloon) return false;
+  impl_->balloon->set_target(bytes);
+  return true;
+}
+
+std::optional<uint64_t> Machine::balloon_actual() const {
+  if (!impl_->balloon) return std::nullopt;
+  return impl_->balloon->actual_bytes();
+}
+
+void Machine::set_balloon_listener(std::function<void(uint64_t)> listener) {
+  if (impl_->balloon) impl_->balloon->set_actual_listener(std::move(listener));
+}
+
+bool Machine::send_virtio_console_input(std::span<const uint8_t> bytes) {
+  if (!impl_->virtio_console) return false;
+  impl_->virtio_console->enqueue_input(bytes);
+  return true;
 }
 
 }  // namespace kiln::vmm

@@ -37,9 +37,11 @@ struct StopEvent {
   StopOrigin origin = StopOrigin::kGuest;
 };
 
-// Where the serial console goes; owned by the caller so it survives a reboot.
+// Where the serial console (and the virtio console, hvc0, when configured) go; owned by the
+// caller so they survive a reboot.
 struct ConsoleIo {
   std::function<void(std::span<const uint8_t>)> write;
+  std::function<void(std::span<const uint8_t>)> virtio_write;
 };
 
 class Machine {
@@ -68,6 +70,15 @@ class Machine {
   std::vector<control::BlockStats> block_stats() const;
   // Host console input for the serial port (stdin reader thread).
   bool send_console_input(std::span<const uint8_t> bytes);
+  // Host input for the virtio console (hvc0); false when there is none.
+  bool send_virtio_console_input(std::span<const uint8_t> bytes);
+
+  // virtio-balloon: asks the guest to shrink to `bytes`; false without a balloon device.
+  bool set_balloon_target(uint64_t bytes);
+  // The guest's size as the balloon reports it; nullopt without a balloon device.
+  std::optional<uint64_t> balloon_actual() const;
+  // Called with the guest's new size whenever its balloon driver reports one (vCPU thread).
+  void set_balloon_listener(std::function<void(uint64_t)> listener);
 
   const VmConfig& config() const { return config_; }
 

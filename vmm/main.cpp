@@ -110,7 +110,24 @@ int run_machines(const VmConfig& config, VmController& controller) {
           m.request_stop({StopReason::kQuit, 0, "quit from console", StopOrigin::kHostUi});
         });
       });
-  ConsoleIo io{[&console](std::span<const uint8_t> bytes) { console->write(bytes); }};
+  ConsoleIo io{[&console](std::span<const uint8_t> bytes) { console->write(bytes); }, {}};
+  // The virtio console (hvc0) has a host end of its own, with the same backends as --serial.
+  std::unique_ptr<HostConsole> virtio_console;
+  if (config.console.mode != SerialConfig::Mode::kOff) {
+    virtio_console = open_console(config.console, "--console");
+    virtio_console->start(
+        [&controller](std::span<const uint8_t> bytes) {
+          controller.with_machine([&](Machine& m) { m.send_virtio_console_input(bytes); });
+        },
+        [&controller] {
+          controller.with_machine([](Machine& m) {
+            m.request_stop({StopReason::kQuit, 0, "quit from console", StopOrigin::kHostUi});
+          });
+        });
+    io.virtio_write = [&virtio_console](std::span<const uint8_t> bytes) {
+      virtio_console->write(bytes);
+    };
+  }
   for (;;) {
     Machine machine(config, io);
     controller.attach(&machine);

@@ -34,6 +34,12 @@ void VmController::set_event_sink(EventSink sink) {
 void VmController::attach(Machine* machine) {
   std::lock_guard lock(mutex_);
   machine_ = machine;
+  // BALLOON_CHANGE comes from a vCPU thread: it goes to the sink directly, never through
+  // mutex_ (which stop() holds while it waits for the vCPUs).
+  if (machine && sink_)
+    machine->set_balloon_listener([sink = sink_](uint64_t actual) {
+      sink("BALLOON_CHANGE", nlohmann::json{{"actual", actual}});
+    });
 }
 
 void VmController::with_machine(const std::function<void(Machine&)>& f) {
@@ -154,10 +160,17 @@ void VmController::quit() {
   if (machine_) machine_->request_stop({StopReason::kQuit, 0, "quit by QMP", StopOrigin::kHostQmp});
 }
 
-bool VmController::balloon(uint64_t) {
-  throw control::QmpError("DeviceNotActive", "No balloon device has been activated");
+bool VmController::balloon(uint64_t target_bytes) {
+  if (!config_.balloon) return false;
+  std::lock_guard lock(mutex_);
+  return running_machine().set_balloon_target(target_bytes);
 }
 
-std::optional<uint64_t> VmController::query_balloon() const { return std::nullopt; }
+std::optional<uint64_t> VmController::query_balloon() const {
+  if (!config_.balloon) return std::nullopt;
+  std::lock_guard lock(mutex_);
+  // Between machines (a reboot) the guest has all its RAM.
+  return machine_ ? machine_->balloon_actual() : std::optional<uint64_t>(config_.memory_bytes);
+}
 
 }  // namespace kiln::vmm

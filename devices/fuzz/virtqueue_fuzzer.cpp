@@ -1,9 +1,11 @@
 // libFuzzer target: guest memory and a queue's configuration come from the fuzz input; the
-// virtqueue walker and virtio-blk request handling must survive anything in it.
+// virtqueue walker, virtio-blk request handling and virtio-balloon's page lists must survive
+// anything in it.
 //
 // Input: [0..1] queue size, [2] flags (bit 0 indirect, bit 1 event idx, bit 2 read-only
-// disk), [3] unused, [4..5] descriptor table offset, [6..7] avail ring offset, [8..9] used
-// ring offset (all in 16-byte units inside the RAM), then the initial RAM contents.
+// disk), [3] the balloon queue to feed (mod 3), [4..5] descriptor table offset, [6..7] avail ring
+// offset, [8..9] used ring offset (all in 16-byte units inside the RAM), then the initial RAM
+// contents.
 #include <spdlog/spdlog.h>
 
 #include <cstddef>
@@ -13,6 +15,7 @@
 #include "devices/virtio/memory_disk.h"
 #include "devices/virtio/queue.h"
 #include "devices/virtio/test_support.h"
+#include "devices/virtio/virtio_balloon.h"
 #include "devices/virtio/virtio_blk.h"
 
 namespace {
@@ -80,6 +83,24 @@ void run_block(const uint8_t* header) {
   block.reset();
 }
 
+// Feeds the rings to virtio-balloon's inflate, deflate or stats queue (inflate releases the
+// pages it is given, so the RAM is reloaded before each run).
+void run_balloon(const uint8_t* header) {
+  VirtioBalloon balloon(kRamSize);
+  Queue queues[3] = {Queue(256), Queue(256), Queue(256)};
+  for (Queue& queue : queues) {
+    configure(queue, header);
+    if (queue.activate(ram())) return;
+  }
+  testing::FakeInterrupt interrupt;
+  VirtioActivation activation{&ram(), std::span<Queue>(queues, 3), &interrupt,
+                              balloon.device_features()};
+  if (!balloon.activate(activation)) return;
+  balloon.process_queue(uint16_t(header[3] % 3));
+  balloon.request_stats();
+  balloon.reset();
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
@@ -93,5 +114,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   run_walker(data);
   load_ram(data + kHeaderSize, size - kHeaderSize);
   run_block(data);
+  load_ram(data + kHeaderSize, size - kHeaderSize);
+  run_balloon(data);
   return 0;
 }
