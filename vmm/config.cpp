@@ -200,6 +200,7 @@ void to_json(nlohmann::json& j, const VmConfig& c) {
   j = {{"name", c.name},
        {"kernel", c.kernel},
        {"initramfs", c.initramfs},
+       {"kernel_cache", c.kernel_cache},
        {"cmdline", c.cmdline},
        {"cpus", c.cpus},
        {"memory", fmt::format("{}M", c.memory_bytes >> 20)},
@@ -227,12 +228,13 @@ void from_json(const nlohmann::json& j, VmConfig& c) {
   if (!j.is_object()) throw ConfigError("config: the document must be a JSON object");
   check_known_keys(
       j,
-      {"name", "kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "hugepages",
-       "prealloc", "no_reboot", "disks", "rng", "qmp", "console", "balloon", "vsock"},
+      {"name", "kernel", "kernel_cache", "initramfs", "cmdline", "cpus", "memory", "serial",
+       "hugepages", "prealloc", "no_reboot", "disks", "rng", "qmp", "console", "balloon", "vsock"},
       "the VM");
   if (j.contains("name")) c.name = get_field<std::string>(j, "name");
   if (j.contains("kernel")) c.kernel = get_field<std::string>(j, "kernel");
   if (j.contains("initramfs")) c.initramfs = get_field<std::string>(j, "initramfs");
+  if (j.contains("kernel_cache")) c.kernel_cache = get_field<std::string>(j, "kernel_cache");
   if (j.contains("cmdline")) c.cmdline = get_field<std::string>(j, "cmdline");
   if (j.contains("cpus")) c.cpus = get_field<uint32_t>(j, "cpus");
   if (j.contains("memory")) {
@@ -316,6 +318,9 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   app.add_option("--config", config_path, "VM config document (JSON); flags override it");
   auto* kernel = app.add_option("--kernel", c.kernel, "Linux kernel (bzImage)");
   auto* initramfs = app.add_option("--initramfs", c.initramfs, "initramfs image");
+  auto* kcache =
+      app.add_option("--kernel-cache", c.kernel_cache,
+                     "keep the bzImage's unpacked vmlinux in DIR and boot that (no KASLR)");
   auto* cmd = app.add_option("--cmdline", cmdline, "kernel command line");
   auto* cpus = app.add_option("--cpus", c.cpus, "number of vCPUs");
   auto* mem = app.add_option("--memory", memory, "guest RAM, e.g. 512M, 3G");
@@ -353,6 +358,7 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   // Flags given on the command line override the document.
   if (kernel->count()) result.kernel = c.kernel;
   if (initramfs->count()) result.initramfs = c.initramfs;
+  if (kcache->count()) result.kernel_cache = c.kernel_cache;
   if (cmd->count()) result.cmdline = cmdline;
   if (cpus->count()) result.cpus = c.cpus;
   if (mem->count()) result.memory_bytes = parse_memory_size(memory);

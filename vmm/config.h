@@ -35,6 +35,7 @@ struct VmConfig {
   std::string name = "kiln";
   std::string kernel;
   std::string initramfs;
+  std::string kernel_cache;  // --kernel-cache DIR: boot the bzImage's vmlinux, kept in DIR
   std::string cmdline = "console=ttyS0";
   uint32_t cpus = 1;
   uint64_t memory_bytes = 512ull << 20;

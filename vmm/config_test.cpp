@@ -54,13 +54,21 @@ TEST(ParseDisk, ReadsOptionsAndRefusesUnknownOnes) {
 }
 
 TEST(CommandLine, ParsesEveryFlag) {
-  auto c = parse(
-      {"--kernel",   "vmlinuz", "--initramfs", "ir.gz",      "--cmdline",   "console=ttyS0 quiet",
-       "--cpus",     "4",       "--memory",    "3G",         "--serial",    "off",
-       "--name",     "web1",    "--hugepages", "--prealloc", "--no-reboot", "--disk",
-       "path=d.img", "--rng",   "--balloon"});
+  auto c = parse({"--kernel",    "vmlinuz",
+                  "--initramfs", "ir.gz",
+                  "--cmdline",   "console=ttyS0 quiet",
+                  "--cpus",      "4",
+                  "--memory",    "3G",
+                  "--serial",    "off",
+                  "--name",      "web1",
+                  "--hugepages", "--prealloc",
+                  "--no-reboot", "--disk",
+                  "path=d.img",  "--rng",
+                  "--balloon",   "--kernel-cache",
+                  "/var/cache/k"});
   ASSERT_TRUE(c);
   EXPECT_EQ(c->kernel, "vmlinuz");
+  EXPECT_EQ(c->kernel_cache, "/var/cache/k");
   EXPECT_EQ(c->initramfs, "ir.gz");
   EXPECT_EQ(c->cmdline, "console=ttyS0 quiet");
   EXPECT_EQ(c->cpus, 4u);
@@ -87,12 +95,14 @@ TEST(ConfigDocument, RoundTripsThroughJsonAndFlagsOverrideIt) {
   c.memory_bytes = 1ull << 30;
   c.disks.push_back(parse_disk("path=d.img,format=qcow2,serial=s1"));
   c.balloon = true;
+  c.kernel_cache = "kc";
   nlohmann::json j = c;
   std::string path = ::testing::TempDir() + "/vm.json";
   std::ofstream(path) << j.dump(2);
   auto loaded = parse({"--config", path, "--cpus", "3"});
   ASSERT_TRUE(loaded);
   EXPECT_EQ(loaded->kernel, "vmlinuz");
+  EXPECT_EQ(loaded->kernel_cache, "kc");
   EXPECT_EQ(loaded->cpus, 3u);
   EXPECT_EQ(loaded->memory_bytes, 1ull << 30);
   ASSERT_EQ(loaded->disks.size(), 1u);

@@ -33,6 +33,7 @@
 #include "hv/kvm.h"
 #include "hv/vhost.h"
 #include "memory/guest_memory.h"
+#include "vmm/kernel_cache.h"
 
 namespace kiln::vmm {
 namespace {
@@ -366,6 +367,14 @@ void Machine::Impl::create_pci_devices() {
 
 x86::LoadedKernel Machine::Impl::load_kernel() {
   auto kernel = read_file_or_config_error(config.kernel, "--kernel");
+  bool is_elf = kernel.size() >= 4 && kernel[0] == 0x7F && kernel[1] == 'E';
+  if (!config.kernel_cache.empty() && !is_elf) {
+    try {
+      kernel = cached_vmlinux(config.kernel_cache, kernel);
+    } catch (const x86::BootError& e) {
+      throw ConfigError(fmt::format("cannot boot {}: {}", config.kernel, e.what()));
+    }
+  }
   std::vector<uint8_t> initramfs;
   if (!config.initramfs.empty())
     initramfs = read_file_or_config_error(config.initramfs, "--initramfs");

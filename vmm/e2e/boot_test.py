@@ -68,6 +68,20 @@ class Boot(unittest.TestCase):
         self.assertEqual(run.console().count(kg.MARKER), 2, run.console()[-3000:])
         self.assertIn("second-boot-ok", run.console())
 
+    def test_kernel_cache_boots_the_unpacked_vmlinux(self):
+        cache = os.path.join(kg.E2E_DIR, "boot-test", "kernel-cache")
+        subprocess.run(["rm", "-rf", cache], check=True)
+        for boot in ("first", "second"):  # the first unpacks into the cache, the second reads it
+            with self.subTest(boot=boot):
+                run, rc = run_script("echo booted-from-cache", "--kernel-cache", cache)
+                self.assertEqual(rc, 0, run.stderr)
+                self.assertIn("booted-from-cache", run.console())
+                entries = os.listdir(cache)
+                self.assertEqual(len(entries), 1, entries)
+                self.assertTrue(entries[0].startswith("vmlinux-"))
+        with open(os.path.join(cache, entries[0]), "rb") as f:
+            self.assertEqual(f.read(4), b"\x7fELF")
+
     def test_guest_reboot_with_no_reboot_exits(self):
         run, rc = run_script("reboot -f", "--no-reboot")
         self.assertEqual(rc, 0, run.stderr)

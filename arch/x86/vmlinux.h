@@ -1,0 +1,24 @@
+// Unpacks the ELF vmlinux a bzImage carries as its compressed payload (boot.rst: payload_offset /
+// payload_length, protocol 2.08+), so that the VMM can boot it directly and skip the in-guest
+// decompressor: under nested or emulated virtualization that decompressor is most of a boot's
+// cost before the kernel's clock starts. The image bytes are untrusted; a bad payload ends in a
+// BootError that says what.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "arch/x86/boot_error.h"
+
+namespace kiln::x86 {
+
+// Largest vmlinux accepted (a decompression bomb stops here).
+inline constexpr uint64_t kMaxVmlinuxSize = 512ull << 20;
+
+// The bzImage's payload, decompressed (xz, zstd or gzip: what distribution kernels use). Throws
+// BootError when the image is not a bzImage, its payload is out of bounds, uses another
+// compression, is corrupt, or does not decompress to an x86-64 ELF file.
+std::vector<uint8_t> extract_vmlinux(std::span<const uint8_t> bzimage);
+
+}  // namespace kiln::x86
