@@ -31,6 +31,11 @@ struct DiskConfig {
   std::string serial;
 };
 
+struct NetConfig {
+  std::string tap;  // host tap interface name
+  std::string mac;  // "52:54:00:12:34:56" (lowercase); empty: derived from the tap name
+};
+
 struct VmConfig {
   std::string name = "kiln";
   std::string kernel;
@@ -43,6 +48,7 @@ struct VmConfig {
   bool prealloc = false;
   bool no_reboot = false;
   std::vector<DiskConfig> disks;
+  std::vector<NetConfig> nets;
   bool rng = false;
   std::string kvm_device = "/dev/kvm";
   std::string qmp;  // "unix:PATH[,server]"
@@ -57,6 +63,9 @@ uint64_t parse_memory_size(const std::string& text);
 SerialConfig parse_serial(const std::string& text);
 // "path=F[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]"
 DiskConfig parse_disk(const std::string& text);
+
+// "tap=NAME[,mac=52:54:00:12:34:56]"
+NetConfig parse_net(const std::string& text);
 
 void to_json(nlohmann::json& j, const VmConfig& config);
 void from_json(const nlohmann::json& j, VmConfig& config);

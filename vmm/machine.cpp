@@ -25,6 +25,7 @@
 #include "devices/legacy/sink.h"
 #include "devices/pci/pci_root.h"
 #include "devices/virtio/virtio_blk.h"
+#include "devices/virtio/virtio_net.h"
 #include "devices/virtio/virtio_pci.h"
 #include "devices/virtio/virtio_rng.h"
 #include "hv/kvm.h"
@@ -164,6 +165,20 @@ std::vector<uint8_t> read_file_or_config_error(const std::string& path, const ch
   }
 }
 
+std::shared_ptr<devices::virtio::VirtioNet> open_net(const NetConfig& net, EventLoop& loop) {
+  using namespace devices::virtio;
+  std::unique_ptr<Tap> tap;
+  try {
+    tap = Tap::open(net.tap);
+  } catch (const TapError& e) {
+    throw ConfigError(fmt::format("--net tap={}: {}", net.tap, e.what()));
+  }
+  auto mac = net.mac.empty() ? default_mac(net.tap) : parse_mac(net.mac);
+  if (!mac) throw ConfigError(fmt::format("--net: malformed MAC address '{}'", net.mac));
+  spdlog::debug("virtio-net on tap {} with MAC {}", net.tap, format_mac(*mac));
+  return std::make_shared<VirtioNet>(std::move(tap), *mac, loop);
+}
+
 }  // namespace
 
 struct Machine::Impl {
@@ -282,6 +297,7 @@ void Machine::Impl::create_pci_devices() {
     add_virtio(std::make_shared<virtio::VirtioBlock>(backend, block));
     disks.emplace_back(disk, backend);
   }
+  for (const NetConfig& net : config.nets) add_virtio(open_net(net, device_loop));
   if (config.rng) add_virtio(std::make_shared<virtio::VirtioRng>());
   device_loop.start_thread();
 }

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <sys/uio.h>
 
+#include <cctype>
 #include <cerrno>
 #include <climits>
 #include <cstring>
@@ -31,6 +32,25 @@ MacAddress default_mac(const std::string& tap) {
 std::string format_mac(const MacAddress& mac) {
   return fmt::format("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", mac[0], mac[1], mac[2], mac[3],
                      mac[4], mac[5]);
+}
+
+std::optional<MacAddress> parse_mac(const std::string& text) {
+  MacAddress mac;
+  if (text.size() != 17) return std::nullopt;
+  for (size_t i = 0; i < mac.size(); ++i) {
+    if (i > 0 && text[3 * i - 1] != ':') return std::nullopt;
+    unsigned value = 0;
+    for (char c : text.substr(3 * i, 2)) {
+      int digit = std::isdigit(static_cast<unsigned char>(c)) ? c - '0'
+                  : std::isxdigit(static_cast<unsigned char>(c))
+                      ? std::tolower(static_cast<unsigned char>(c)) - 'a' + 10
+                      : -1;
+      if (digit < 0) return std::nullopt;
+      value = value * 16 + unsigned(digit);
+    }
+    mac[i] = uint8_t(value);
+  }
+  return mac;
 }
 
 VirtioNet::VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac, EventLoop& loop)

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "base/event_loop.h"
@@ -52,6 +53,8 @@ using MacAddress = std::array<uint8_t, 6>;
 // 52:54:00 plus three bytes of a hash of `tap`, so a VM keeps its MAC across restarts.
 MacAddress default_mac(const std::string& tap);
 std::string format_mac(const MacAddress& mac);
+// "52:54:00:12:34:56" (either case); nullopt if malformed.
+std::optional<MacAddress> parse_mac(const std::string& text);
 
 struct NetMetrics {
   std::atomic<uint64_t> tx_packets{0};

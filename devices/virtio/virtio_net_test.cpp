@@ -120,6 +120,11 @@ TEST_F(VirtioNetTest, DefaultMacIsStableUnicastAndLocallyAdministered) {
   EXPECT_EQ(a[1], 0x54);
   EXPECT_EQ(a[2], 0x00);
   EXPECT_EQ(format_mac({0x52, 0x54, 0x00, 0xab, 0x0c, 0x01}), "52:54:00:ab:0c:01");
+  EXPECT_EQ(parse_mac("52:54:00:AB:0c:01"), (MacAddress{0x52, 0x54, 0x00, 0xab, 0x0c, 0x01}));
+  EXPECT_EQ(parse_mac(format_mac(a)), a);
+  EXPECT_EQ(parse_mac("52:54:00:ab:0c"), std::nullopt);
+  EXPECT_EQ(parse_mac("52:54:00:ab:0c:0g"), std::nullopt);
+  EXPECT_EQ(parse_mac("52-54-00-ab-0c-01"), std::nullopt);
 }
 
 TEST_F(VirtioNetTest, TransmittedFrameReachesTheBackendWithItsHeader) {
