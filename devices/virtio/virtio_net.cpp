@@ -1,6 +1,7 @@
 #include "devices/virtio/virtio_net.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <sys/uio.h>
 
 #include <cctype>
@@ -59,6 +60,14 @@ VirtioNet::VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac,
 VirtioNet::~VirtioNet() {
   // The loop must stop calling us before the backend's fd is closed with the members.
   if (watching_) loop_.remove(backend_->fd());
+  const NetMetrics& m = metrics_;
+  spdlog::debug(
+      "virtio-net {}: tx {} frames {} bytes {} dropped, {} kicks {} interrupts; rx {} frames {} "
+      "bytes, {} tap wake-ups {} kicks {} interrupts, {} pauses, {} bad buffers",
+      format_mac(mac_), m.tx_packets.load(), m.tx_bytes.load(), m.tx_dropped.load(),
+      m.tx_kicks.load(), m.tx_interrupts.load(), m.rx_packets.load(), m.rx_bytes.load(),
+      m.rx_wakeups.load(), m.rx_kicks.load(), m.rx_interrupts.load(), m.rx_pauses.load(),
+      m.rx_bad_buffers.load());
 }
 
 uint64_t VirtioNet::device_features() const {
@@ -123,6 +132,7 @@ void VirtioNet::watch_backend_locked() {
   watching_ = true;
   loop_.add(backend_->fd(), [this](uint32_t) {
     std::lock_guard lock(mutex_);
+    metrics_.rx_wakeups++;
     if (active_) receive_locked();
   });
 }
@@ -136,8 +146,12 @@ void VirtioNet::unwatch_backend_locked() {
 void VirtioNet::process_queue(uint16_t queue) {
   std::lock_guard lock(mutex_);
   if (!active_) return;
-  if (queue == kNetTransmitQueue) transmit_locked();
+  if (queue == kNetTransmitQueue) {
+    metrics_.tx_kicks++;
+    transmit_locked();
+  }
   if (queue == kNetReceiveQueue) {
+    metrics_.rx_kicks++;
     // New receive buffers: take the tap back if we had let go of it, and fill them now.
     watch_backend_locked();
     receive_locked();
@@ -182,7 +196,10 @@ void VirtioNet::transmit_locked() {
       return;
     }
   } while (queue.enable_notification());
-  if (used && queue.needs_notification()) activation_.interrupt->signal_queue(kNetTransmitQueue);
+  if (used && queue.needs_notification()) {
+    metrics_.tx_interrupts++;
+    activation_.interrupt->signal_queue(kNetTransmitQueue);
+  }
 }
 
 void VirtioNet::receive_locked() {
@@ -241,7 +258,10 @@ void VirtioNet::receive_locked() {
     }
     used = true;
   }
-  if (used && queue.needs_notification()) activation_.interrupt->signal_queue(kNetReceiveQueue);
+  if (used && queue.needs_notification()) {
+    metrics_.rx_interrupts++;
+    activation_.interrupt->signal_queue(kNetReceiveQueue);
+  }
 }
 
 }  // namespace kiln::devices::virtio

@@ -64,6 +64,11 @@ struct NetMetrics {
   std::atomic<uint64_t> rx_bytes{0};
   std::atomic<uint64_t> rx_bad_buffers{0};
   std::atomic<uint64_t> rx_pauses{0};  // times the guest ran out of receive buffers
+  std::atomic<uint64_t> tx_kicks{0};   // driver notifications, per queue
+  std::atomic<uint64_t> rx_kicks{0};
+  std::atomic<uint64_t> tx_interrupts{0};  // used-buffer interrupts sent, per queue
+  std::atomic<uint64_t> rx_interrupts{0};
+  std::atomic<uint64_t> rx_wakeups{0};  // the tap became readable
 };
 
 class VirtioNet : public VirtioDevice {
