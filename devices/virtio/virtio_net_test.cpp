@@ -282,6 +282,37 @@ TEST_F(VirtioNetTest, ReceiveOffloadsFollowTheGuestsFeatures) {
   EXPECT_EQ(offloads_, 0u);
 }
 
+TEST_F(VirtioNetTest, SaveRestoreResumesOnTheSameRingsWithANewBackend) {
+  bring_up(kFeatureVersion1 | kFeatureRingEventIdx | kNetFeatureMac | kNetFeatureGuestCsum);
+  rx_.add_chain({{kBuffers, 2048, true}}, 0);
+  rx_.add_chain({{kBuffers + 0x1000, 2048, true}}, 1);
+  driver_->notify(kNetReceiveQueue);
+  host_send(bytes("before"));
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 1));
+  VirtioPciState state = transport_->save();
+  EXPECT_EQ(state.queues[kNetReceiveQueue].next_used, 1);
+
+  // The destination opens its own tap (here: another socketpair) and takes over the rings.
+  int pair[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair), 0);
+  UniqueFd peer(pair[1]);
+  std::atomic<uint32_t> offloads{0xFFFF};
+  auto net = std::make_shared<VirtioNet>(std::make_unique<SocketBackend>(pair[0], offloads),
+                                         net_->mac(), m_.loop);
+  auto transport = std::make_shared<VirtioPciDevice>(net, m_.memory, m_.msi, m_.loop);
+  driver_->set_status(0);  // quiesce the original
+  transport->restore(state);
+  EXPECT_TRUE(transport->device_status() & kStatusDriverOk);
+  EXPECT_EQ(offloads, kTunOffloadCsum);
+  std::vector<uint8_t> packet(kNetHeaderSize, 0);
+  for (char c : std::string("after")) packet.push_back(uint8_t(c));
+  ASSERT_EQ(::send(peer.get(), packet.data(), packet.size(), 0), ssize_t(packet.size()));
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 2));
+  EXPECT_EQ(rx_.used_element(1), std::make_pair(1u, uint32_t(kNetHeaderSize + 5)));
+  EXPECT_EQ(guest_read(kBuffers + 0x1000 + kNetHeaderSize, 5), bytes("after"));
+  EXPECT_EQ(net->metrics().rx_packets, 1u);
+}
+
 TEST(TapTest, BadNamesAndMissingDevicesAreClearErrors) {
   EXPECT_THROW(Tap::open("a-name-longer-than-ifnamsiz"), TapError);
   EXPECT_THROW(Tap::open(""), TapError);
