@@ -113,6 +113,45 @@ class Server(threading.Thread):
             self.sock.close()
 
 
+class PostServer(Server):
+    """Takes one HTTP POST (busybox wget --post-file writes its body in large chunks, unlike nc's
+    1 KiB writes) and hashes the body. wget sends the file as a C string: text only."""
+
+    def __init__(self, port):
+        super().__init__(port)
+
+    def run(self):
+        try:
+            conn, _ = self.sock.accept()
+            conn.settimeout(120)
+            started = time.monotonic()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        raise AssertionError("POST headers cut short")
+                    data += chunk
+                head, body = data.split(b"\r\n\r\n", 1)
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                digest = hashlib.md5(body)
+                self.size = len(body)
+                while self.size < length:
+                    chunk = conn.recv(1 << 16)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    self.size += len(chunk)
+                self.seconds = time.monotonic() - started
+                self.md5 = digest.hexdigest()
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+        except Exception as e:  # reported by the test
+            self.error = e
+        finally:
+            self.sock.close()
+
+
 class Net(unittest.TestCase):
     def setUp(self):
         subprocess.run(["ip", "link", "del", TAP], stderr=subprocess.DEVNULL)
@@ -127,6 +166,7 @@ class Net(unittest.TestCase):
         payload = os.urandom(TRANSFER_MIB << 20)
         to_guest = Server(5001, payload)
         from_guest = Server(5002)
+        posted = PostServer(5004)
         script = f"""
 ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 || echo net-setup=failed
 echo mac=$(cat /sys/class/net/eth0/address)
@@ -136,6 +176,9 @@ echo rx-md5=$(md5sum < /tmp/in.bin | cut -d' ' -f1) rx-size=$(wc -c < /tmp/in.bi
 dd if=/dev/urandom of=/tmp/out.bin bs=1M count={TRANSFER_MIB} 2>/dev/null
 echo tx-md5=$(md5sum < /tmp/out.bin | cut -d' ' -f1)
 nc {HOST_IP} 5002 < /tmp/out.bin && echo tx-done
+base64 /tmp/out.bin | tr -d '\\n' | head -c {TRANSFER_MIB << 20} > /tmp/post.txt
+echo post-md5=$(md5sum < /tmp/post.txt | cut -d' ' -f1)
+wget -q -O /dev/null --post-file /tmp/post.txt http://{HOST_IP}:5004/ && echo post-done
 echo waiting-for-host
 nc -l -p 5003 > /tmp/bye
 echo host-said=$(cat /tmp/bye)
@@ -157,9 +200,15 @@ echo host-said=$(cat /tmp/bye)
             self.assertIn(f"tx-md5={from_guest.md5}", console)
             self.assertEqual(from_guest.size, TRANSFER_MIB << 20)
             self.assertIn("tx-done", console)
+            self.assertIn("post-done", console)
+            posted.join(30)
+            self.assertIsNone(posted.error)
+            self.assertEqual(posted.size, TRANSFER_MIB << 20)
+            self.assertIn(f"post-md5={posted.md5}", console)
             rates = (f"net throughput: host->guest {TRANSFER_MIB / to_guest.seconds:.2f} MiB/s, "
-                     f"guest->host {TRANSFER_MIB / from_guest.seconds:.2f} MiB/s "
-                     f"({TRANSFER_MIB} MiB each way)")
+                     f"guest->host {TRANSFER_MIB / from_guest.seconds:.2f} MiB/s with nc "
+                     f"(1 KiB writes), {TRANSFER_MIB / posted.seconds:.2f} MiB/s with wget "
+                     f"--post-file ({TRANSFER_MIB} MiB each)")
             print(rates)
             sys.stderr.write(rates + "\n")
 
