@@ -182,6 +182,39 @@ DiskConfig parse_disk(const std::string& text) {
   return disk;
 }
 
+NetConfig parse_net(const std::string& text) {
+  NetConfig net;
+  for (const auto& [key, value] : split_options(text)) {
+    if (key == "tap" || (key.empty() && net.tap.empty()))
+      net.tap = value;
+    else if (key == "mac")
+      net.mac = value;
+    else
+      throw ConfigError(fmt::format("--net: unknown option '{}'", key.empty() ? value : key));
+  }
+  // IFNAMSIZ is 16 with the terminating NUL; '/' and whitespace are not valid in names.
+  if (net.tap.empty()) throw ConfigError("--net needs tap=NAME");
+  if (net.tap.size() > 15 || net.tap.find_first_of("/ \t\n:") != std::string::npos)
+    throw ConfigError(fmt::format("--net: '{}' is not a valid interface name", net.tap));
+  if (!net.mac.empty()) {
+    std::string mac;
+    bool ok = net.mac.size() == 17;
+    for (size_t i = 0; ok && i < net.mac.size(); ++i) {
+      char c = char(std::tolower(static_cast<unsigned char>(net.mac[i])));
+      ok = i % 3 == 2 ? c == ':' : std::isxdigit(static_cast<unsigned char>(c)) != 0;
+      mac += c;
+    }
+    if (!ok)
+      throw ConfigError(
+          fmt::format("--net: malformed MAC address '{}' (want e.g. 52:54:00:12:34:56)", net.mac));
+    if (std::stoi(mac.substr(0, 2), nullptr, 16) & 1)
+      throw ConfigError(fmt::format("--net: MAC address {} is multicast", mac));
+    if (mac == "00:00:00:00:00:00") throw ConfigError("--net: MAC address must not be all zeros");
+    net.mac = mac;
+  }
+  return net;
+}
+
 void VmConfig::validate() const {
   if (kernel.empty()) throw ConfigError("no kernel given (--kernel FILE)");
   if (cpus == 0 || cpus > 254)
@@ -194,6 +227,13 @@ void VmConfig::validate() const {
   if (serial.mode == SerialConfig::Mode::kSocket && console.mode == SerialConfig::Mode::kSocket &&
       serial.path == console.path)
     throw ConfigError("--serial and --console cannot share a socket path");
+  for (size_t i = 0; i < nets.size(); ++i)
+    for (size_t j = 0; j < i; ++j) {
+      if (nets[i].tap == nets[j].tap)
+        throw ConfigError(fmt::format("--net: tap {} is given twice", nets[i].tap));
+      if (!nets[i].mac.empty() && nets[i].mac == nets[j].mac)
+        throw ConfigError(fmt::format("--net: MAC address {} is given twice", nets[i].mac));
+    }
 }
 
 void to_json(nlohmann::json& j, const VmConfig& c) {
@@ -222,15 +262,21 @@ void to_json(nlohmann::json& j, const VmConfig& c) {
                           {"readonly", d.read_only},
                           {"cache", d.cache},
                           {"serial", d.serial}});
+  j["nets"] = nlohmann::json::array();
+  for (const NetConfig& n : c.nets) {
+    nlohmann::json net = {{"tap", n.tap}};
+    if (!n.mac.empty()) net["mac"] = n.mac;
+    j["nets"].push_back(net);
+  }
 }
 
 void from_json(const nlohmann::json& j, VmConfig& c) {
   if (!j.is_object()) throw ConfigError("config: the document must be a JSON object");
-  check_known_keys(
-      j,
-      {"name", "kernel", "kernel_cache", "initramfs", "cmdline", "cpus", "memory", "serial",
-       "hugepages", "prealloc", "no_reboot", "disks", "rng", "qmp", "console", "balloon", "vsock"},
-      "the VM");
+  check_known_keys(j,
+                   {"name", "kernel", "kernel_cache", "initramfs", "cmdline", "cpus", "memory",
+                    "serial", "hugepages", "prealloc", "no_reboot", "disks", "nets", "rng", "qmp",
+                    "console", "balloon", "vsock"},
+                   "the VM");
   if (j.contains("name")) c.name = get_field<std::string>(j, "name");
   if (j.contains("kernel")) c.kernel = get_field<std::string>(j, "kernel");
   if (j.contains("initramfs")) c.initramfs = get_field<std::string>(j, "initramfs");
@@ -293,6 +339,17 @@ void from_json(const nlohmann::json& j, VmConfig& c) {
       c.disks.push_back(disk);
     }
   }
+  if (j.contains("nets")) {
+    if (!j.at("nets").is_array()) throw ConfigError("config: 'nets' must be an array");
+    c.nets.clear();
+    for (const auto& n : j.at("nets")) {
+      if (!n.is_object()) throw ConfigError("config: each net must be an object");
+      check_known_keys(n, {"tap", "mac"}, "a net");
+      std::string text = "tap=" + get_field<std::string>(n, "tap");
+      if (n.contains("mac")) text += ",mac=" + get_field<std::string>(n, "mac");
+      c.nets.push_back(parse_net(text));
+    }
+  }
 }
 
 VmConfig load_config_file(const std::string& path) {
@@ -331,6 +388,8 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   auto* noreboot = app.add_flag("--no-reboot", c.no_reboot, "exit instead of rebooting");
   auto* disk = app.add_option(
       "--disk", disks, "path=F[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]");
+  std::vector<std::string> nets;
+  auto* net = app.add_option("--net", nets, "tap=NAME[,mac=52:54:00:xx:xx:xx] (virtio-net)");
   auto* rng = app.add_flag("--rng", c.rng, "virtio-rng device");
   auto* con = app.add_option("--console", console,
                              "virtio console (hvc0): pty (bare flag)|stdio|file:PATH|socket:PATH")
@@ -377,6 +436,10 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   if (disk->count()) {
     result.disks.clear();
     for (const auto& d : disks) result.disks.push_back(parse_disk(d));
+  }
+  if (net->count()) {
+    result.nets.clear();
+    for (const auto& n : nets) result.nets.push_back(parse_net(n));
   }
   result.validate();
   return result;

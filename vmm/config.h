@@ -31,6 +31,11 @@ struct DiskConfig {
   std::string serial;
 };
 
+struct NetConfig {
+  std::string tap;  // host tap interface name
+  std::string mac;  // "52:54:00:12:34:56" (lowercase); empty: derived from the tap name
+};
+
 struct VmConfig {
   std::string name = "kiln";
   std::string kernel;
@@ -44,6 +49,7 @@ struct VmConfig {
   bool prealloc = false;
   bool no_reboot = false;
   std::vector<DiskConfig> disks;
+  std::vector<NetConfig> nets;
   bool rng = false;
   // virtio-console (hvc0) host end; kOff: no device. Same backends as the serial port.
   SerialConfig console{SerialConfig::Mode::kOff, ""};
@@ -69,6 +75,9 @@ void parse_balloon(const std::string& text, VmConfig& config);
 uint64_t parse_vsock(const std::string& text);
 // "path=F[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]"
 DiskConfig parse_disk(const std::string& text);
+
+// "tap=NAME[,mac=52:54:00:12:34:56]"
+NetConfig parse_net(const std::string& text);
 
 void to_json(nlohmann::json& j, const VmConfig& config);
 void from_json(const nlohmann::json& j, VmConfig& config);

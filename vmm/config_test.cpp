@@ -207,5 +207,69 @@ TEST(ConfigDocument, BadDocumentsAreConfigErrors) {
   EXPECT_THROW(parse({"--config", "/nonexistent/vm.json"}), ConfigError);
 }
 
+TEST(ParseNet, ReadsTapAndMacAndRefusesBadOnes) {
+  NetConfig n = parse_net("tap=tap0,mac=52:54:00:AB:cd:01");
+  EXPECT_EQ(n.tap, "tap0");
+  EXPECT_EQ(n.mac, "52:54:00:ab:cd:01");
+  EXPECT_EQ(parse_net("kiln-tap1").tap, "kiln-tap1");
+  EXPECT_EQ(parse_net("tap=t").mac, "");
+  EXPECT_THROW(parse_net("mac=52:54:00:00:00:01"), ConfigError);          // no tap
+  EXPECT_THROW(parse_net("tap=a-name-too-long-for-linux"), ConfigError);  // > 15 chars
+  EXPECT_THROW(parse_net("tap=t,mac=01:00:5e:00:00:01"), ConfigError);    // multicast
+  EXPECT_THROW(parse_net("tap=t,mac=ff:ff:ff:ff:ff:ff"), ConfigError);    // broadcast
+  EXPECT_THROW(parse_net("tap=t,mac=00:00:00:00:00:00"), ConfigError);
+  EXPECT_THROW(parse_net("tap=t,mac=52:54:00:12:34"), ConfigError);     // short
+  EXPECT_THROW(parse_net("tap=t,mac=52-54-00-12-34-56"), ConfigError);  // separators
+  EXPECT_THROW(parse_net("tap=t,mac=52:54:00:12:34:5g"), ConfigError);
+  EXPECT_THROW(parse_net("tap=t,queues=2"), ConfigError);
+  try {
+    parse_net("tap=t,mac=03:00:00:00:00:01");
+    FAIL();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("multicast"), std::string::npos) << e.what();
+  }
+}
+
+TEST(CommandLine, NetIsRepeatableAndRoundTripsThroughJson) {
+  auto c = parse({"--kernel", "k", "--net", "tap=tap0", "--net", "tap=tap1,mac=52:54:00:00:00:02"});
+  ASSERT_TRUE(c);
+  ASSERT_EQ(c->nets.size(), 2u);
+  EXPECT_EQ(c->nets[0].tap, "tap0");
+  EXPECT_EQ(c->nets[1].mac, "52:54:00:00:00:02");
+  EXPECT_THROW(parse({"--kernel", "k", "--net", "tap=t0", "--net", "tap=t0"}), ConfigError);
+  EXPECT_THROW(parse({"--kernel", "k", "--net", "tap=t0,mac=52:54:00:00:00:02", "--net",
+                      "tap=t1,mac=52:54:00:00:00:02"}),
+               ConfigError);
+
+  nlohmann::json j = *c;
+  std::string path = ::testing::TempDir() + "/net.json";
+  std::ofstream(path) << j.dump(2);
+  auto loaded = parse({"--config", path});
+  ASSERT_TRUE(loaded);
+  ASSERT_EQ(loaded->nets.size(), 2u);
+  EXPECT_EQ(loaded->nets[0].tap, "tap0");
+  EXPECT_EQ(loaded->nets[0].mac, "");
+  EXPECT_EQ(loaded->nets[1].mac, "52:54:00:00:00:02");
+  // Flags replace the document's list.
+  auto overridden = parse({"--config", path, "--net", "tap=tap9"});
+  ASSERT_TRUE(overridden);
+  ASSERT_EQ(overridden->nets.size(), 1u);
+  EXPECT_EQ(overridden->nets[0].tap, "tap9");
+
+  auto write = [](const std::string& text) {
+    std::string p = ::testing::TempDir() + "/badnet.json";
+    std::ofstream(p) << text;
+    return p;
+  };
+  EXPECT_THROW(parse({"--config", write(R"({"kernel":"k","nets":{"tap":"t"}})")}), ConfigError);
+  EXPECT_THROW(parse({"--config", write(R"({"kernel":"k","nets":[{"tap":"t","vlan":3}]})")}),
+               ConfigError);
+  EXPECT_THROW(parse({"--config", write(R"({"kernel":"k","nets":[{"mac":"52:54:00:00:00:01"}]})")}),
+               ConfigError);
+  EXPECT_THROW(parse({"--config",
+                      write(R"({"kernel":"k","nets":[{"tap":"t","mac":"01:00:00:00:00:01"}]})")}),
+               ConfigError);
+}
+
 }  // namespace
 }  // namespace kiln::vmm

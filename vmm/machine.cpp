@@ -27,6 +27,7 @@
 #include "devices/virtio/virtio_balloon.h"
 #include "devices/virtio/virtio_blk.h"
 #include "devices/virtio/virtio_console.h"
+#include "devices/virtio/virtio_net.h"
 #include "devices/virtio/virtio_pci.h"
 #include "devices/virtio/virtio_rng.h"
 #include "devices/virtio/virtio_vsock.h"
@@ -223,6 +224,20 @@ std::string disk_qdev_path(size_t index) {
   return fmt::format("/machine/peripheral-anon/device[{}]/virtio-backend", index);
 }
 
+std::shared_ptr<devices::virtio::VirtioNet> open_net(const NetConfig& net, EventLoop& loop) {
+  using namespace devices::virtio;
+  std::unique_ptr<Tap> tap;
+  try {
+    tap = Tap::open(net.tap);
+  } catch (const TapError& e) {
+    throw ConfigError(fmt::format("--net tap={}: {}", net.tap, e.what()));
+  }
+  auto mac = net.mac.empty() ? default_mac(net.tap) : parse_mac(net.mac);
+  if (!mac) throw ConfigError(fmt::format("--net: malformed MAC address '{}'", net.mac));
+  spdlog::debug("virtio-net on tap {} with MAC {}", net.tap, format_mac(*mac));
+  return std::make_shared<VirtioNet>(std::move(tap), *mac, loop);
+}
+
 }  // namespace
 
 struct Machine::Impl {
@@ -349,6 +364,7 @@ void Machine::Impl::create_pci_devices() {
     add_virtio(device);
     disks.push_back({disk, backend, device});
   }
+  for (const NetConfig& net : config.nets) add_virtio(open_net(net, device_loop));
   if (config.rng) add_virtio(std::make_shared<virtio::VirtioRng>());
   if (config.console.mode != SerialConfig::Mode::kOff) {
     virtio_console = std::make_shared<virtio::VirtioConsole>(console.virtio_write);

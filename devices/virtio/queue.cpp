@@ -105,6 +105,8 @@ Queue::PopStatus Queue::pop(const memory::GuestMemory& memory, DescriptorChain& 
   return PopStatus::kChain;
 }
 
+void Queue::undo_pop(uint16_t count) { next_avail_ = uint16_t(next_avail_ - count); }
+
 bool Queue::walk_chain(const memory::GuestMemory& memory, uint16_t head, DescriptorChain& chain) {
   const uint8_t* table = desc_;
   uint32_t table_entries = size_;

@@ -86,6 +86,10 @@ class Queue {
   enum class PopStatus { kEmpty, kChain, kError };
   // Takes the next available chain. kError: the queue is now broken (see error()).
   PopStatus pop(const memory::GuestMemory& memory, DescriptorChain& chain);
+  // Gives back the `count` chains most recently taken by pop() and not yet used, so the next
+  // pop() returns them again (a device that popped a buffer before learning it has nothing to
+  // put in it, e.g. a network receive buffer when the back-end had no packet).
+  void undo_pop(uint16_t count = 1);
   // Puts a chain back into the used ring with `written` bytes; false (and broken) if the used
   // ring cannot be written.
   bool add_used(const memory::GuestMemory& memory, uint16_t head, uint32_t written);

@@ -45,6 +45,34 @@ class QueueTest : public ::testing::Test {
   Queue queue_;
 };
 
+TEST_F(QueueTest, UndoPopHandsTheSameChainsOutAgain) {
+  activate(true, true);
+  driver_.add_chain({{0x10000, 64, true}}, 0);
+  driver_.add_chain({{0x11000, 128, true}}, 1);
+  DescriptorChain first, second;
+  ASSERT_EQ(queue_.pop(memory_, first), Queue::PopStatus::kChain);
+  ASSERT_EQ(queue_.pop(memory_, second), Queue::PopStatus::kChain);
+  EXPECT_EQ(queue_.next_avail(), 2);
+  queue_.undo_pop(2);
+  EXPECT_EQ(queue_.next_avail(), 0);
+  // Chains given back are still pending: re-arming notifications reports them and points
+  // avail_event at the first one.
+  EXPECT_TRUE(queue_.enable_notification());
+  EXPECT_EQ(driver_.avail_event(), 0);
+  DescriptorChain again;
+  ASSERT_EQ(queue_.pop(memory_, again), Queue::PopStatus::kChain);
+  EXPECT_EQ(again.head, first.head);
+  EXPECT_EQ(again.writable_bytes, 64u);
+  queue_.undo_pop();
+  ASSERT_EQ(queue_.pop(memory_, again), Queue::PopStatus::kChain);
+  EXPECT_EQ(again.head, 0);
+  ASSERT_EQ(queue_.pop(memory_, again), Queue::PopStatus::kChain);
+  EXPECT_EQ(again.head, 1);
+  EXPECT_EQ(queue_.pop(memory_, again), Queue::PopStatus::kEmpty);
+  EXPECT_FALSE(queue_.enable_notification());
+  EXPECT_EQ(driver_.avail_event(), 2);
+}
+
 TEST_F(QueueTest, PopsChainAndPublishesUsedElement) {
   activate();
   driver_.add_chain({{0x10000, 16, false}, {0x11000, 512, true}, {0x12000, 1, true}}, 0);

@@ -1,0 +1,114 @@
+// virtio-net (virtio 1.2 section 5.1) with one receive and one transmit queue over a NetBackend
+// (a Linux tap). Frames move between guest buffers and the tap with one readv/writev each,
+// virtio_net_hdr included: the tap (IFF_VNET_HDR) understands the same header, so checksum
+// and segmentation offloads pass through untouched.
+//
+// Receive is driven by the tap: the event loop watches its fd while the guest has receive
+// buffers posted, and stops watching it when they run out (or a readable tap with nowhere to
+// put the frame would spin the loop) until the guest kicks the receive queue again.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include "base/event_loop.h"
+#include "devices/virtio/net_backend.h"
+#include "devices/virtio/rate_limited_log.h"
+#include "devices/virtio/virtio_device.h"
+
+namespace kiln::devices::virtio {
+
+inline constexpr uint32_t kDeviceIdNet = 1;
+inline constexpr uint16_t kNetReceiveQueue = 0;
+inline constexpr uint16_t kNetTransmitQueue = 1;
+
+// Feature bits (spec 5.1.3).
+inline constexpr uint64_t kNetFeatureCsum = 1ull << 0;
+inline constexpr uint64_t kNetFeatureGuestCsum = 1ull << 1;
+inline constexpr uint64_t kNetFeatureMac = 1ull << 5;
+inline constexpr uint64_t kNetFeatureGuestTso4 = 1ull << 7;
+inline constexpr uint64_t kNetFeatureGuestTso6 = 1ull << 8;
+inline constexpr uint64_t kNetFeatureGuestEcn = 1ull << 9;
+inline constexpr uint64_t kNetFeatureHostTso4 = 1ull << 11;
+inline constexpr uint64_t kNetFeatureHostTso6 = 1ull << 12;
+inline constexpr uint64_t kNetFeatureHostEcn = 1ull << 13;
+inline constexpr uint64_t kNetFeatureMrgRxbuf = 1ull << 15;
+inline constexpr uint64_t kNetFeatureStatus = 1ull << 16;
+
+inline constexpr uint16_t kNetStatusLinkUp = 1;
+// struct virtio_net_hdr with num_buffers, always present with VIRTIO_F_VERSION_1.
+inline constexpr uint32_t kNetHeaderSize = 12;
+inline constexpr uint32_t kNetNumBuffersOffset = 10;
+// mac[6], status, max_virtqueue_pairs.
+inline constexpr uint32_t kNetConfigSize = 10;
+// The largest frame a guest may hand us: a 64 KiB GSO packet plus Ethernet/VLAN headers.
+inline constexpr uint32_t kNetMaxFrame = 65550;
+
+using MacAddress = std::array<uint8_t, 6>;
+
+// 52:54:00 plus three bytes of a hash of `tap`, so a VM keeps its MAC across restarts.
+MacAddress default_mac(const std::string& tap);
+std::string format_mac(const MacAddress& mac);
+// "52:54:00:12:34:56" (either case); nullopt if malformed.
+std::optional<MacAddress> parse_mac(const std::string& text);
+
+struct NetMetrics {
+  std::atomic<uint64_t> tx_packets{0};
+  std::atomic<uint64_t> tx_bytes{0};
+  std::atomic<uint64_t> tx_dropped{0};
+  std::atomic<uint64_t> rx_packets{0};
+  std::atomic<uint64_t> rx_bytes{0};
+  std::atomic<uint64_t> rx_bad_buffers{0};
+  std::atomic<uint64_t> rx_pauses{0};  // times the guest ran out of receive buffers
+  std::atomic<uint64_t> tx_kicks{0};   // driver notifications, per queue
+  std::atomic<uint64_t> rx_kicks{0};
+  std::atomic<uint64_t> tx_interrupts{0};  // used-buffer interrupts sent, per queue
+  std::atomic<uint64_t> rx_interrupts{0};
+  std::atomic<uint64_t> rx_wakeups{0};  // the tap became readable
+};
+
+class VirtioNet : public VirtioDevice {
+ public:
+  // `loop` must outlive the device; it watches the backend's fd while the device is active.
+  VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac, EventLoop& loop);
+  ~VirtioNet() override;
+
+  uint32_t device_type() const override { return kDeviceIdNet; }
+  uint32_t pci_class_code() const override { return 0x020000; }  // Ethernet controller
+  uint64_t device_features() const override;
+  uint16_t num_queues() const override { return 2; }
+  uint32_t config_size() const override { return kNetConfigSize; }
+  void read_config(uint64_t offset, std::span<uint8_t> data) override;
+
+  bool activate(const VirtioActivation& activation) override;
+  void process_queue(uint16_t queue) override;
+  void reset() override;
+
+  const NetMetrics& metrics() const { return metrics_; }
+  const MacAddress& mac() const { return mac_; }
+  // Offload flags last given to the backend (kTunOffload*).
+  uint32_t backend_offloads() const { return offloads_.load(); }
+
+ private:
+  void transmit_locked();
+  void receive_locked();
+  void watch_backend_locked();
+  void unwatch_backend_locked();
+
+  std::unique_ptr<NetBackend> backend_;
+  MacAddress mac_;
+  EventLoop& loop_;
+  std::mutex mutex_;
+  bool active_ = false;
+  bool watching_ = false;  // the loop watches backend_->fd()
+  VirtioActivation activation_;
+  std::atomic<uint32_t> offloads_{0};
+  NetMetrics metrics_;
+  RateLimitedLog log_;
+};
+
+}  // namespace kiln::devices::virtio

@@ -1,0 +1,328 @@
+#include "devices/virtio/virtio_net.h"
+
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "devices/virtio/test_driver.h"
+
+namespace kiln::devices::virtio {
+namespace {
+
+using namespace testing;
+
+// The tap's framing without a tap: a datagram socketpair moves one frame (virtio_net_hdr
+// first) per readv/writev, and truncates like a tap when the reader's buffer is short.
+class SocketBackend : public NetBackend {
+ public:
+  explicit SocketBackend(int fd, std::atomic<uint32_t>& offloads) : fd_(fd), offloads_(offloads) {}
+  int fd() const override { return fd_.get(); }
+  bool set_offloads(uint32_t flags) override {
+    offloads_ = flags;
+    return true;
+  }
+
+ private:
+  UniqueFd fd_;
+  std::atomic<uint32_t>& offloads_;
+};
+
+std::vector<uint8_t> bytes(const std::string& text) { return {text.begin(), text.end()}; }
+
+constexpr uint64_t kRxDesc = 0x100000, kTxDesc = 0x110000;
+constexpr uint64_t kBuffers = 0x200000;
+
+class VirtioNetTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    int pair[2];
+    ASSERT_EQ(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair), 0);
+    peer_.reset(pair[1]);
+    net_ = std::make_shared<VirtioNet>(std::make_unique<SocketBackend>(pair[0], offloads_),
+                                       MacAddress{0x52, 0x54, 0x00, 0x12, 0x34, 0x56}, m_.loop);
+    transport_ = std::make_shared<VirtioPciDevice>(net_, m_.memory, m_.msi, m_.loop);
+    driver_ = std::make_unique<VirtioPciTestDriver>(m_, m_.root.add(transport_));
+    driver_->probe();
+  }
+
+  void bring_up(uint64_t features = kFeatureVersion1 | kFeatureRingEventIdx | kNetFeatureMac) {
+    ASSERT_TRUE(driver_->negotiate(features));
+    driver_->setup_queue(kNetReceiveQueue, rx_);
+    driver_->setup_queue(kNetTransmitQueue, tx_);
+    driver_->driver_ok();
+    ASSERT_EQ(driver_->status() & kStatusDriverOk, kStatusDriverOk);
+  }
+
+  // Sends one frame from the host side: a virtio_net_hdr (flags, gso_type, ...) and `frame`.
+  void host_send(const std::vector<uint8_t>& frame, uint8_t flags = 0) {
+    std::vector<uint8_t> packet(kNetHeaderSize, 0);
+    packet[0] = flags;
+    packet.insert(packet.end(), frame.begin(), frame.end());
+    ASSERT_EQ(::send(peer_.get(), packet.data(), packet.size(), 0), ssize_t(packet.size()));
+  }
+
+  // What the device handed to the host side, or empty after `timeout`.
+  std::vector<uint8_t> host_receive(std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    std::vector<uint8_t> buffer(70000);
+    while (std::chrono::steady_clock::now() < deadline) {
+      ssize_t got = ::recv(peer_.get(), buffer.data(), buffer.size(), 0);
+      if (got >= 0) {
+        buffer.resize(size_t(got));
+        return buffer;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    return {};
+  }
+
+  std::vector<uint8_t> guest_read(uint64_t gpa, size_t len) {
+    std::vector<uint8_t> out(len);
+    m_.memory.read(gpa, out);
+    return out;
+  }
+
+  TestMachine m_;
+  DriverQueue rx_{m_.memory, 16, kRxDesc, kRxDesc + 0x1000, kRxDesc + 0x2000};
+  DriverQueue tx_{m_.memory, 16, kTxDesc, kTxDesc + 0x1000, kTxDesc + 0x2000};
+  std::atomic<uint32_t> offloads_{0xFFFF};
+  UniqueFd peer_;
+  std::shared_ptr<VirtioNet> net_;
+  std::shared_ptr<VirtioPciDevice> transport_;
+  std::unique_ptr<VirtioPciTestDriver> driver_;
+};
+
+TEST_F(VirtioNetTest, ConfigSpaceHasTheMacAndLinkUp) {
+  EXPECT_EQ(driver_->config_read(0x00), 0x1041'1AF4u);  // virtio 1.x network device
+  EXPECT_EQ(driver_->config_read(0x08) >> 8, 0x020000u);
+  uint64_t features = driver_->device_features();
+  EXPECT_TRUE(features & kFeatureVersion1);
+  EXPECT_TRUE(features & kNetFeatureMac);
+  EXPECT_TRUE(features & kNetFeatureStatus);
+  std::vector<uint8_t> mac;
+  for (uint32_t i = 0; i < 6; ++i) mac.push_back(uint8_t(driver_->device_config(i, 1)));
+  EXPECT_EQ(mac, std::vector<uint8_t>({0x52, 0x54, 0x00, 0x12, 0x34, 0x56}));
+  EXPECT_EQ(driver_->device_config(6, 2), kNetStatusLinkUp);
+  EXPECT_EQ(driver_->device_config(8, 2), 1u);  // max_virtqueue_pairs
+  EXPECT_EQ(driver_->device_config(kNetConfigSize, 2), 0u);
+}
+
+TEST_F(VirtioNetTest, DefaultMacIsStableUnicastAndLocallyAdministered) {
+  MacAddress a = default_mac("tap0");
+  EXPECT_EQ(a, default_mac("tap0"));
+  EXPECT_NE(a, default_mac("tap1"));
+  EXPECT_EQ(a[0], 0x52);
+  EXPECT_EQ(a[1], 0x54);
+  EXPECT_EQ(a[2], 0x00);
+  EXPECT_EQ(format_mac({0x52, 0x54, 0x00, 0xab, 0x0c, 0x01}), "52:54:00:ab:0c:01");
+  EXPECT_EQ(parse_mac("52:54:00:AB:0c:01"), (MacAddress{0x52, 0x54, 0x00, 0xab, 0x0c, 0x01}));
+  EXPECT_EQ(parse_mac(format_mac(a)), a);
+  EXPECT_EQ(parse_mac("52:54:00:ab:0c"), std::nullopt);
+  EXPECT_EQ(parse_mac("52:54:00:ab:0c:0g"), std::nullopt);
+  EXPECT_EQ(parse_mac("52-54-00-ab-0c-01"), std::nullopt);
+}
+
+TEST_F(VirtioNetTest, TransmittedFrameReachesTheBackendWithItsHeader) {
+  bring_up();
+  std::vector<uint8_t> header(kNetHeaderSize, 0);
+  header[0] = 1;  // NEEDS_CSUM: the tap finishes the checksum
+  header[6] = 34;
+  header[8] = 16;
+  std::vector<uint8_t> frame = bytes(
+      "\xff\xff\xff\xff\xff\xff"
+      "ethernet frame payload");
+  m_.memory.write(kBuffers, header);
+  m_.memory.write(kBuffers + 0x1000, std::span(frame).first(10));
+  m_.memory.write(kBuffers + 0x2000, std::span(frame).subspan(10));
+  tx_.add_chain({{kBuffers, kNetHeaderSize, false},
+                 {kBuffers + 0x1000, 10, false},
+                 {kBuffers + 0x2000, uint32_t(frame.size() - 10), false}},
+                0);
+  driver_->notify(kNetTransmitQueue);
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(tx_, 1));
+  EXPECT_EQ(tx_.used_element(0), std::make_pair(0u, 0u));
+  std::vector<uint8_t> sent = host_receive();
+  ASSERT_EQ(sent.size(), kNetHeaderSize + frame.size());
+  EXPECT_EQ(std::vector<uint8_t>(sent.begin(), sent.begin() + kNetHeaderSize), header);
+  EXPECT_EQ(std::vector<uint8_t>(sent.begin() + kNetHeaderSize, sent.end()), frame);
+  EXPECT_EQ(net_->metrics().tx_packets, 1u);
+  EXPECT_EQ(net_->metrics().tx_bytes, frame.size());
+}
+
+TEST_F(VirtioNetTest, ReceivedFramesLandInGuestBuffersWithHeaderAndLength) {
+  bring_up();
+  rx_.add_chain({{kBuffers, 2048, true}}, 0);
+  // A buffer split right through the header is fine too.
+  rx_.add_chain({{kBuffers + 0x1000, 6, true}, {kBuffers + 0x2000, 2042, true}}, 1);
+  driver_->notify(kNetReceiveQueue);
+  std::vector<uint8_t> first = bytes("first frame from the tap");
+  std::vector<uint8_t> second = bytes("second, a bit longer frame from the tap");
+  host_send(first, 2 /* DATA_VALID */);
+  host_send(second);
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 2));
+  EXPECT_EQ(rx_.used_element(0), std::make_pair(0u, uint32_t(kNetHeaderSize + first.size())));
+  EXPECT_EQ(rx_.used_element(1), std::make_pair(1u, uint32_t(kNetHeaderSize + second.size())));
+  std::vector<uint8_t> header = guest_read(kBuffers, kNetHeaderSize);
+  EXPECT_EQ(header[0], 2);
+  EXPECT_EQ(header[kNetNumBuffersOffset], 1);  // num_buffers = 1
+  EXPECT_EQ(header[kNetNumBuffersOffset + 1], 0);
+  EXPECT_EQ(guest_read(kBuffers + kNetHeaderSize, first.size()), first);
+  std::vector<uint8_t> split = guest_read(kBuffers + 0x1000, 6);
+  std::vector<uint8_t> rest = guest_read(kBuffers + 0x2000, kNetHeaderSize - 6 + second.size());
+  split.insert(split.end(), rest.begin(), rest.end());
+  EXPECT_EQ(split[kNetNumBuffersOffset], 1);
+  EXPECT_EQ(std::vector<uint8_t>(split.begin() + kNetHeaderSize, split.end()), second);
+  EXPECT_GE(driver_->vector(1 + kNetReceiveQueue).triggers, 1);
+  EXPECT_EQ(net_->metrics().rx_packets, 2u);
+}
+
+TEST_F(VirtioNetTest, FramesWaitForBuffersWithoutSpinningAndFlowAfterTheKick) {
+  bring_up();
+  // No receive buffers yet: the device lets go of the backend instead of spinning on it.
+  host_send(bytes("early frame"));
+  for (int i = 0; i < 500 && net_->metrics().rx_pauses == 0; ++i) usleep(1000);
+  ASSERT_EQ(net_->metrics().rx_pauses, 1u);
+  usleep(50000);
+  EXPECT_EQ(net_->metrics().rx_pauses, 1u);
+  // The driver must be told to kick for the next buffer (EVENT_IDX avail_event).
+  EXPECT_EQ(rx_.avail_event(), 0);
+  rx_.add_chain({{kBuffers, 2048, true}}, 0);
+  driver_->notify(kNetReceiveQueue);
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 1));
+  EXPECT_EQ(guest_read(kBuffers + kNetHeaderSize, 11), bytes("early frame"));
+
+  // The ring ran dry again, so the driver is asked to kick for its next buffer.
+  EXPECT_EQ(rx_.avail_event(), 1);
+  rx_.add_chain({{kBuffers + 0x1000, 2048, true}}, 1);
+  rx_.add_chain({{kBuffers + 0x2000, 2048, true}}, 2);
+  rx_.add_chain({{kBuffers + 0x3000, 2048, true}}, 3);
+  driver_->notify(kNetReceiveQueue);
+  // While buffers remain, frames flow with no further kick.
+  host_send(bytes("frame two"));
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 2));
+  host_send(bytes("frame three"));
+  host_send(bytes("frame four"));
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 4));
+  EXPECT_EQ(guest_read(kBuffers + 0x2000 + kNetHeaderSize, 11), bytes("frame three"));
+  EXPECT_EQ(guest_read(kBuffers + 0x3000 + kNetHeaderSize, 10), bytes("frame four"));
+
+  // Dry once more: a frame waits, and the buffer posted afterwards gets it after the kick.
+  usleep(20000);
+  uint64_t pauses = net_->metrics().rx_pauses;
+  host_send(bytes("frame five"));
+  usleep(20000);
+  EXPECT_EQ(rx_.used_idx(), 4);
+  EXPECT_EQ(net_->metrics().rx_pauses, pauses);
+  EXPECT_EQ(rx_.avail_event(), 4);
+  rx_.add_chain({{kBuffers + 0x4000, 2048, true}}, 4);
+  driver_->notify(kNetReceiveQueue);
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 5));
+  EXPECT_EQ(guest_read(kBuffers + 0x4000 + kNetHeaderSize, 10), bytes("frame five"));
+}
+
+TEST_F(VirtioNetTest, GarbageDescriptorsAreRejectedWithoutCrashing) {
+  bring_up();
+  // Transmit: too short for a header, and a frame beyond any Ethernet/GSO size.
+  tx_.add_chain({{kBuffers, 4, false}}, 0);
+  tx_.add_chain({{kBuffers, 70000, false}}, 1);
+  driver_->notify(kNetTransmitQueue);
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(tx_, 2));
+  EXPECT_EQ(net_->metrics().tx_dropped, 2u);
+  EXPECT_TRUE(host_receive(std::chrono::milliseconds(50)).empty());
+
+  // Receive: a buffer with no room for the header, and one that is only device-readable,
+  // come back empty; the frame goes into the next good buffer.
+  rx_.add_chain({{kBuffers, 8, true}}, 0);
+  rx_.add_chain({{kBuffers + 0x1000, 2048, false}}, 1);
+  rx_.add_chain({{kBuffers + 0x2000, 2048, true}}, 2);
+  driver_->notify(kNetReceiveQueue);
+  host_send(bytes("survivor"));
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 3));
+  EXPECT_EQ(rx_.used_element(0), std::make_pair(0u, 0u));
+  EXPECT_EQ(rx_.used_element(1), std::make_pair(1u, 0u));
+  EXPECT_EQ(rx_.used_element(2), std::make_pair(2u, uint32_t(kNetHeaderSize + 8)));
+  EXPECT_EQ(net_->metrics().rx_bad_buffers, 2u);
+  EXPECT_FALSE(driver_->status() & kStatusNeedsReset);
+
+  // A buffer outside guest memory breaks the queue: NEEDS_RESET, not a crash.
+  tx_.add_chain({{uint64_t(1) << 40, 64, false}}, 2);
+  driver_->notify(kNetTransmitQueue);
+  for (int i = 0; i < 500 && !(driver_->status() & kStatusNeedsReset); ++i) usleep(1000);
+  EXPECT_TRUE(driver_->status() & kStatusNeedsReset);
+  EXPECT_TRUE(host_receive(std::chrono::milliseconds(20)).empty());
+
+  // A driver reset brings it back.
+  // (DriverQueue keeps its state in guest memory: a new one at the same place starts over.)
+  DriverQueue(m_.memory, 16, kRxDesc, kRxDesc + 0x1000, kRxDesc + 0x2000);
+  DriverQueue(m_.memory, 16, kTxDesc, kTxDesc + 0x1000, kTxDesc + 0x2000);
+  bring_up();
+  EXPECT_FALSE(driver_->status() & kStatusNeedsReset);
+  rx_.add_chain({{kBuffers, 2048, true}}, 0);
+  driver_->notify(kNetReceiveQueue);
+  host_send(bytes("after reset"));
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 1));
+  EXPECT_EQ(guest_read(kBuffers + kNetHeaderSize, 11), bytes("after reset"));
+}
+
+TEST_F(VirtioNetTest, ReceiveOffloadsFollowTheGuestsFeatures) {
+  EXPECT_EQ(offloads_, 0xFFFFu);  // untouched until a driver comes up
+  bring_up(kFeatureVersion1 | kNetFeatureGuestCsum | kNetFeatureGuestTso4 | kNetFeatureGuestTso6 |
+           kNetFeatureHostTso4 | kNetFeatureCsum);
+  EXPECT_EQ(offloads_, kTunOffloadCsum | kTunOffloadTso4 | kTunOffloadTso6);
+  EXPECT_EQ(net_->backend_offloads(), offloads_.load());
+  driver_->set_status(0);
+  EXPECT_EQ(offloads_, 0u);
+  // Segmentation without checksum offload is meaningless to the tap: nothing is enabled.
+  bring_up(kFeatureVersion1 | kNetFeatureGuestTso4);
+  EXPECT_EQ(offloads_, 0u);
+}
+
+TEST_F(VirtioNetTest, SaveRestoreResumesOnTheSameRingsWithANewBackend) {
+  bring_up(kFeatureVersion1 | kFeatureRingEventIdx | kNetFeatureMac | kNetFeatureGuestCsum);
+  rx_.add_chain({{kBuffers, 2048, true}}, 0);
+  rx_.add_chain({{kBuffers + 0x1000, 2048, true}}, 1);
+  driver_->notify(kNetReceiveQueue);
+  host_send(bytes("before"));
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 1));
+  VirtioPciState state = transport_->save();
+  EXPECT_EQ(state.queues[kNetReceiveQueue].next_used, 1);
+
+  // The destination opens its own tap (here: another socketpair) and takes over the rings.
+  int pair[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair), 0);
+  UniqueFd peer(pair[1]);
+  std::atomic<uint32_t> offloads{0xFFFF};
+  auto net = std::make_shared<VirtioNet>(std::make_unique<SocketBackend>(pair[0], offloads),
+                                         net_->mac(), m_.loop);
+  auto transport = std::make_shared<VirtioPciDevice>(net, m_.memory, m_.msi, m_.loop);
+  driver_->set_status(0);  // quiesce the original
+  transport->restore(state);
+  EXPECT_TRUE(transport->device_status() & kStatusDriverOk);
+  EXPECT_EQ(offloads, kTunOffloadCsum);
+  std::vector<uint8_t> packet(kNetHeaderSize, 0);
+  for (char c : std::string("after")) packet.push_back(uint8_t(c));
+  ASSERT_EQ(::send(peer.get(), packet.data(), packet.size(), 0), ssize_t(packet.size()));
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 2));
+  EXPECT_EQ(rx_.used_element(1), std::make_pair(1u, uint32_t(kNetHeaderSize + 5)));
+  EXPECT_EQ(guest_read(kBuffers + 0x1000 + kNetHeaderSize, 5), bytes("after"));
+  EXPECT_EQ(net->metrics().rx_packets, 1u);
+}
+
+TEST(TapTest, BadNamesAndMissingDevicesAreClearErrors) {
+  EXPECT_THROW(Tap::open("a-name-longer-than-ifnamsiz"), TapError);
+  EXPECT_THROW(Tap::open(""), TapError);
+  try {
+    Tap::open("tap0", "/nonexistent/tun");
+    FAIL() << "opened a tap through a missing device";
+  } catch (const TapError& e) {
+    EXPECT_NE(std::string(e.what()).find("/nonexistent/tun"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace kiln::devices::virtio

@@ -1,0 +1,244 @@
+"""End-to-end test of kiln's virtio-net with a real guest on a real KVM (inside tools/kvm-sandbox):
+a tap with an address on the host side, the guest configures eth0 and we check its MAC, ping
+both ways, TCP transfers both ways with matching checksums (and their rates), and that a busy
+tap or a multicast MAC is a clear usage error."""
+import hashlib
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "../../tests/support"))
+import kiln_guest as kg  # noqa: E402
+
+TAP = "kilntap0"
+HOST_IP = "10.0.2.1"
+GUEST_IP = "10.0.2.15"
+TRANSFER_MIB = 6
+BOOT_TIMEOUT = 240
+
+
+def fnv1a_mac(name):
+    """The MAC kiln derives from a tap name (devices/virtio/virtio_net.cpp default_mac)."""
+    h = 2166136261
+    for c in name.encode():
+        h = ((h ^ c) * 16777619) & 0xFFFFFFFF
+    return "52:54:00:%02x:%02x:%02x" % ((h >> 16) & 0xFF, (h >> 8) & 0xFF, h & 0xFF)
+
+
+def ip(*args):
+    subprocess.run(["ip", *args], check=True)
+
+
+def icmp_checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping(address, count=3, timeout=10):
+    """ICMP echo from the host (there is no ping binary in the harness); replies received."""
+    replies = 0
+    ident = os.getpid() & 0xFFFF
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        for seq in range(count):
+            payload = b"kiln-ping" * 4
+            header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+            packet = struct.pack("!BBHHH", 8, 0, icmp_checksum(header + payload), ident, seq) + payload
+            s.sendto(packet, (address, 0))
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                s.settimeout(max(0.1, deadline - time.monotonic()))
+                try:
+                    data, source = s.recvfrom(4096)
+                except socket.timeout:
+                    break
+                icmp = data[(data[0] & 0xF) * 4:]
+                kind, _, _, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
+                if source[0] == address and kind == 0 and rid == ident and rseq == seq:
+                    replies += 1
+                    break
+    return replies
+
+
+class Server(threading.Thread):
+    """One TCP connection on HOST_IP:port that either sends `payload` or reads to EOF."""
+
+    def __init__(self, port, payload=None):
+        super().__init__(daemon=True)
+        self.payload = payload
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((HOST_IP, port))
+        self.sock.listen(1)
+        self.sock.settimeout(BOOT_TIMEOUT)
+        self.md5 = None
+        self.size = 0
+        self.seconds = None
+        self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            conn, _ = self.sock.accept()
+            conn.settimeout(120)
+            started = time.monotonic()
+            with conn:
+                if self.payload is not None:
+                    conn.sendall(self.payload)
+                    conn.shutdown(socket.SHUT_WR)
+                    while conn.recv(4096):
+                        pass
+                    self.size = len(self.payload)
+                else:
+                    digest = hashlib.md5()
+                    while True:
+                        chunk = conn.recv(1 << 16)
+                        if not chunk:
+                            break
+                        digest.update(chunk)
+                        self.size += len(chunk)
+                    self.md5 = digest.hexdigest()
+            self.seconds = time.monotonic() - started
+        except Exception as e:  # reported by the test
+            self.error = e
+        finally:
+            self.sock.close()
+
+
+class PostServer(Server):
+    """Takes one HTTP POST (busybox wget --post-file writes its body in large chunks, unlike nc's
+    1 KiB writes) and hashes the body. wget sends the file as a C string: text only."""
+
+    def __init__(self, port):
+        super().__init__(port)
+
+    def run(self):
+        try:
+            conn, _ = self.sock.accept()
+            conn.settimeout(120)
+            started = time.monotonic()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        raise AssertionError("POST headers cut short")
+                    data += chunk
+                head, body = data.split(b"\r\n\r\n", 1)
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                digest = hashlib.md5(body)
+                self.size = len(body)
+                while self.size < length:
+                    chunk = conn.recv(1 << 16)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    self.size += len(chunk)
+                self.seconds = time.monotonic() - started
+                self.md5 = digest.hexdigest()
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+        except Exception as e:  # reported by the test
+            self.error = e
+        finally:
+            self.sock.close()
+
+
+class Net(unittest.TestCase):
+    def setUp(self):
+        subprocess.run(["ip", "link", "del", TAP], stderr=subprocess.DEVNULL)
+        ip("tuntap", "add", "dev", TAP, "mode", "tap")
+        ip("addr", "add", f"{HOST_IP}/24", "dev", TAP)
+        ip("link", "set", TAP, "up")
+
+    def tearDown(self):
+        subprocess.run(["ip", "link", "del", TAP], stderr=subprocess.DEVNULL)
+
+    def test_guest_reaches_the_host_through_a_tap(self):
+        payload = os.urandom(TRANSFER_MIB << 20)
+        to_guest = Server(5001, payload)
+        from_guest = Server(5002)
+        posted = PostServer(5004)
+        script = f"""
+ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 || echo net-setup=failed
+echo mac=$(cat /sys/class/net/eth0/address)
+ping -c 3 -W 10 {HOST_IP} > /tmp/ping 2>&1 && echo ping-host=ok || cat /tmp/ping
+nc {HOST_IP} 5001 < /dev/null > /tmp/in.bin
+echo rx-md5=$(md5sum < /tmp/in.bin | cut -d' ' -f1) rx-size=$(wc -c < /tmp/in.bin)
+dd if=/dev/urandom of=/tmp/out.bin bs=1M count={TRANSFER_MIB} 2>/dev/null
+echo tx-md5=$(md5sum < /tmp/out.bin | cut -d' ' -f1)
+nc {HOST_IP} 5002 < /tmp/out.bin && echo tx-done
+base64 /tmp/out.bin | tr -d '\\n' | head -c {TRANSFER_MIB << 20} > /tmp/post.txt
+echo post-md5=$(md5sum < /tmp/post.txt | cut -d' ' -f1)
+wget -q -O /dev/null --post-file /tmp/post.txt http://{HOST_IP}:5004/ && echo post-done
+echo waiting-for-host
+nc -l -p 5003 > /tmp/bye
+echo host-said=$(cat /tmp/bye)
+"""
+        run = kg.kiln("--net", f"tap={TAP}", script=script, cmdline_extra="loglevel=5")
+        try:
+            run.wait_for("waiting-for-host", timeout=BOOT_TIMEOUT)
+            console = run.console()
+            self.assertIn(f"mac={fnv1a_mac(TAP)}", console)
+            self.assertIn("ping-host=ok", console)
+            self.assertNotIn("net-setup=failed", console)
+
+            to_guest.join(30)
+            from_guest.join(30)
+            self.assertIsNone(to_guest.error)
+            self.assertIsNone(from_guest.error)
+            self.assertIn(f"rx-md5={hashlib.md5(payload).hexdigest()} rx-size={len(payload)}",
+                          console)
+            self.assertIn(f"tx-md5={from_guest.md5}", console)
+            self.assertEqual(from_guest.size, TRANSFER_MIB << 20)
+            self.assertIn("tx-done", console)
+            self.assertIn("post-done", console)
+            posted.join(30)
+            self.assertIsNone(posted.error)
+            self.assertEqual(posted.size, TRANSFER_MIB << 20)
+            self.assertIn(f"post-md5={posted.md5}", console)
+            rates = (f"net throughput: host->guest {TRANSFER_MIB / to_guest.seconds:.2f} MiB/s, "
+                     f"guest->host {TRANSFER_MIB / from_guest.seconds:.2f} MiB/s with nc "
+                     f"(1 KiB writes), {TRANSFER_MIB / posted.seconds:.2f} MiB/s with wget "
+                     f"--post-file ({TRANSFER_MIB} MiB each)")
+            print(rates)
+            sys.stderr.write(rates + "\n")
+
+            self.assertEqual(ping(GUEST_IP), 3)
+
+            # The tap is attached to the running VM: a second kiln cannot have it.
+            busy = kg.kiln("--net", f"tap={TAP}", script="true")
+            self.assertEqual(busy.wait(60), 2, busy.stderr)
+            self.assertIn("busy", busy.stderr)
+
+            # A connection the host opens to the guest works too; it lets the guest finish.
+            with socket.create_connection((GUEST_IP, 5003), timeout=30) as s:
+                s.sendall(b"bye\n")
+            rc = run.wait(60)
+        finally:
+            if run.proc.poll() is None:
+                run.kill()
+        self.assertEqual(rc, 0, run.stderr)
+        self.assertIn("host-said=bye", run.console())
+        # With KILN_LOG=debug, kiln reports the device's counters (kicks, interrupts, drops).
+        for line in run.stderr.splitlines():
+            if "virtio-net" in line:
+                print(line)
+
+    def test_bad_macs_are_usage_errors(self):
+        for mac, why in (("01:00:5e:00:00:01", "multicast"), ("52:54:00:zz:00:01", "malformed")):
+            run = kg.kiln("--net", f"tap={TAP},mac={mac}", script="true")
+            self.assertEqual(run.wait(60), 2, run.stderr)
+            self.assertIn(why, run.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
