@@ -55,7 +55,7 @@ std::vector<uint8_t> cached_vmlinux(const std::string& dir, std::span<const uint
     }
     spdlog::warn("--kernel-cache: {} is unreadable or not ELF; unpacking again", path.string());
   }
-  auto vmlinux = x86::extract_vmlinux(bzimage);
+  auto vmlinux = x86::compact_vmlinux(x86::extract_vmlinux(bzimage));
   store(path, vmlinux);
   return vmlinux;
 }

@@ -37,7 +37,7 @@ TEST(KernelCache, UnpacksOnceThenServesTheStoredVmlinux) {
   fs::path dir = fs::path(::testing::TempDir()) / "kiln-kernel-cache";
   fs::remove_all(dir);
   auto first = cached_vmlinux(dir.string(), bzimage);
-  EXPECT_EQ(first, x86::extract_vmlinux(bzimage));
+  EXPECT_EQ(first, x86::compact_vmlinux(x86::extract_vmlinux(bzimage)));
   auto stored = entries(dir);
   ASSERT_EQ(stored.size(), 1u);  // no temporary file left behind
   EXPECT_EQ(fs::file_size(stored[0]), first.size());
@@ -59,7 +59,8 @@ TEST(KernelCache, UnpacksOnceThenServesTheStoredVmlinux) {
 TEST(KernelCache, AnUnwritableDirectoryStillBoots) {
   auto bzimage = real_bzimage();
   ASSERT_FALSE(bzimage.empty());
-  EXPECT_EQ(cached_vmlinux("/proc/no-such-dir", bzimage), x86::extract_vmlinux(bzimage));
+  EXPECT_EQ(cached_vmlinux("/proc/no-such-dir", bzimage),
+            x86::compact_vmlinux(x86::extract_vmlinux(bzimage)));
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <fstream>
 
 #include "arch/x86/acpi/acpi.h"
@@ -210,6 +211,21 @@ uint64_t host_memory_limit() {
   return total;
 }
 
+// Logs at debug level (KILN_LOG=debug) how long each step took: startup time is a product figure
+// (bench/boot_bench.py), and this is how to see where it goes.
+class StepTimer {
+ public:
+  void operator()(const char* step) {
+    auto now = std::chrono::steady_clock::now();
+    spdlog::debug("startup: {} took {} ms", step,
+                  std::chrono::duration_cast<std::chrono::milliseconds>(now - mark_).count());
+    mark_ = now;
+  }
+
+ private:
+  std::chrono::steady_clock::time_point mark_ = std::chrono::steady_clock::now();
+};
+
 std::vector<uint8_t> read_file_or_config_error(const std::string& path, const char* what) {
   try {
     return x86::read_boot_file(path);
@@ -382,7 +398,9 @@ void Machine::Impl::create_pci_devices() {
 }
 
 x86::LoadedKernel Machine::Impl::load_kernel() {
+  StepTimer step_done;
   auto kernel = read_file_or_config_error(config.kernel, "--kernel");
+  step_done("reading the kernel");
   bool is_elf = kernel.size() >= 4 && kernel[0] == 0x7F && kernel[1] == 'E';
   if (!config.kernel_cache.empty() && !is_elf) {
     try {
@@ -390,13 +408,17 @@ x86::LoadedKernel Machine::Impl::load_kernel() {
     } catch (const x86::BootError& e) {
       throw ConfigError(fmt::format("cannot boot {}: {}", config.kernel, e.what()));
     }
+    step_done("the kernel cache");
   }
   std::vector<uint8_t> initramfs;
   if (!config.initramfs.empty())
     initramfs = read_file_or_config_error(config.initramfs, "--initramfs");
+  step_done("reading the initramfs");
   uint64_t rsdp = acpi::write_acpi_tables(*memory, {config.cpus, true});
   try {
-    return x86::load_linux(*memory, kernel, initramfs, config.cmdline, rsdp);
+    auto loaded = x86::load_linux(*memory, kernel, initramfs, config.cmdline, rsdp);
+    step_done("placing kernel, initramfs and ACPI tables in guest memory");
+    return loaded;
   } catch (const x86::BootError& e) {
     throw ConfigError(fmt::format("cannot boot {}: {}", config.kernel, e.what()));
   }
@@ -418,6 +440,7 @@ void Machine::Impl::create_vcpus(const x86::LoadedKernel& kernel) {
 }
 
 void Machine::Impl::build() {
+  StepTimer step_done;
   check_host_limits();
   vm = hv::Vm::create(kvm);
   vm->set_tss_address(kTssAddress);
@@ -425,9 +448,14 @@ void Machine::Impl::build() {
   vm->create_irqchip();
   vm->create_pit();
   create_memory();
+  step_done("vm, irqchip and memory");
   create_devices();
   create_pci_devices();
-  create_vcpus(load_kernel());
+  step_done("devices");
+  auto kernel = load_kernel();
+  step_done("kernel, initramfs and ACPI tables");
+  create_vcpus(kernel);
+  step_done("vcpus");
 }
 
 void Machine::Impl::dispatch_io(const devices::Bus& bus, const hv::VcpuExit& exit) {

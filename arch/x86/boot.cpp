@@ -145,39 +145,21 @@ struct ElfImage {
 };
 
 // Copies every PT_LOAD segment to its physical address and zero-fills the rest of its memsz.
-// Linux links vmlinux with ENTRY(phys_startup_64), so e_entry is already physical.
 ElfImage load_elf(const memory::GuestMemory& mem, std::span<const uint8_t> image) {
-  if (image.size() < kElfHeaderSize) throw BootError("ELF kernel truncated: no ELF header");
-  if (image[4] != kElfClass64 || image[5] != kElfDataLittle ||
-      load_field<uint16_t>(image, 18, "e_machine") != kElfMachineX86_64)
-    throw BootError("ELF kernel is not a little-endian x86-64 image");
+  ElfLayout layout = parse_elf(image);
   ElfImage elf;
-  elf.entry = load_field<uint64_t>(image, 24, "e_entry");
-  uint64_t phoff = load_field<uint64_t>(image, 32, "e_phoff");
-  uint16_t phentsize = load_field<uint16_t>(image, 54, "e_phentsize");
-  uint16_t phnum = load_field<uint16_t>(image, 56, "e_phnum");
-  if (phentsize < kElfPhdrSize) throw BootError("ELF kernel has malformed program headers");
-  for (uint16_t i = 0; i < phnum; ++i) {
-    if (phoff > image.size()) throw BootError("ELF kernel truncated: program headers");
-    uint64_t ph = phoff + uint64_t{i} * phentsize;
-    if (load_field<uint32_t>(image, ph, "p_type") != kPtLoad) continue;
-    uint64_t offset = load_field<uint64_t>(image, ph + 8, "p_offset");
-    uint64_t paddr = load_field<uint64_t>(image, ph + 24, "p_paddr");
-    uint64_t filesz = load_field<uint64_t>(image, ph + 32, "p_filesz");
-    uint64_t memsz = load_field<uint64_t>(image, ph + 40, "p_memsz");
-    if (filesz > memsz || offset > image.size() || filesz > image.size() - offset)
-      throw BootError("ELF kernel truncated: segment " + std::to_string(i) + " past end of file");
-    auto dest = mem.slice(paddr, memsz);
+  elf.entry = layout.entry;
+  for (const ElfSegment& seg : layout.segments) {
+    auto dest = mem.slice(seg.paddr, seg.memsz);
     if (!dest)
-      throw BootError("guest memory too small: ELF segment at " + hex(paddr) + " of " +
-                      std::to_string(memsz) + " bytes");
-    std::memcpy(dest->data(), image.data() + offset, filesz);
-    std::memset(dest->data() + filesz, 0, memsz - filesz);
-    mem.mark_dirty(paddr, memsz);
-    elf.lowest = std::min(elf.lowest, paddr);
-    elf.highest = std::max(elf.highest, paddr + memsz);
+      throw BootError("guest memory too small: ELF segment at " + hex(seg.paddr) + " of " +
+                      std::to_string(seg.memsz) + " bytes");
+    std::memcpy(dest->data(), image.data() + seg.offset, seg.filesz);
+    std::memset(dest->data() + seg.filesz, 0, seg.memsz - seg.filesz);
+    mem.mark_dirty(seg.paddr, seg.memsz);
+    elf.lowest = std::min(elf.lowest, seg.paddr);
+    elf.highest = std::max(elf.highest, seg.paddr + seg.memsz);
   }
-  if (elf.highest == 0) throw BootError("ELF kernel has no loadable segments");
   if (elf.entry < elf.lowest || elf.entry >= elf.highest)
     throw BootError("ELF kernel entry point " + hex(elf.entry) + " is outside its segments");
   return elf;
@@ -369,6 +351,38 @@ std::vector<uint8_t> read_boot_file(const std::string& path) {
   std::vector<uint8_t> bytes(size);
   if (!in.read(reinterpret_cast<char*>(bytes.data()), size)) throw BootError("cannot read " + path);
   return bytes;
+}
+
+// Linux links vmlinux with ENTRY(phys_startup_64), so e_entry is already physical.
+ElfLayout parse_elf(std::span<const uint8_t> image) {
+  if (image.size() < kElfHeaderSize) throw BootError("ELF kernel truncated: no ELF header");
+  if (!is_elf(image) || image[4] != kElfClass64 || image[5] != kElfDataLittle ||
+      load_field<uint16_t>(image, 18, "e_machine") != kElfMachineX86_64)
+    throw BootError("ELF kernel is not a little-endian x86-64 image");
+  ElfLayout layout;
+  layout.entry = load_field<uint64_t>(image, 24, "e_entry");
+  uint64_t phoff = load_field<uint64_t>(image, 32, "e_phoff");
+  uint16_t phentsize = load_field<uint16_t>(image, 54, "e_phentsize");
+  uint16_t phnum = load_field<uint16_t>(image, 56, "e_phnum");
+  if (phentsize < kElfPhdrSize) throw BootError("ELF kernel has malformed program headers");
+  for (uint16_t i = 0; i < phnum; ++i) {
+    if (phoff > image.size()) throw BootError("ELF kernel truncated: program headers");
+    uint64_t ph = phoff + uint64_t{i} * phentsize;
+    if (load_field<uint32_t>(image, ph, "p_type") != kPtLoad) continue;
+    ElfSegment seg;
+    seg.offset = load_field<uint64_t>(image, ph + 8, "p_offset");
+    seg.paddr = load_field<uint64_t>(image, ph + 24, "p_paddr");
+    seg.filesz = load_field<uint64_t>(image, ph + 32, "p_filesz");
+    seg.memsz = load_field<uint64_t>(image, ph + 40, "p_memsz");
+    if (seg.filesz > seg.memsz || seg.offset > image.size() ||
+        seg.filesz > image.size() - seg.offset)
+      throw BootError("ELF kernel truncated: segment " + std::to_string(i) + " past end of file");
+    if (seg.paddr > UINT64_MAX - seg.memsz)
+      throw BootError("ELF kernel segment " + std::to_string(i) + " wraps around");
+    layout.segments.push_back(seg);
+  }
+  if (layout.segments.empty()) throw BootError("ELF kernel has no loadable segments");
+  return layout;
 }
 
 }  // namespace kiln::x86

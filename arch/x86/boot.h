@@ -68,6 +68,24 @@ LoadedKernel load_linux(const memory::GuestMemory& mem, std::span<const uint8_t>
                         std::span<const uint8_t> initramfs, std::string_view cmdline,
                         uint64_t rsdp_addr);
 
+// One PT_LOAD segment of an ELF vmlinux: file bytes [offset, offset + filesz) go to guest-physical
+// paddr, and the segment's memory runs on, zero-filled, to paddr + memsz.
+struct ElfSegment {
+  uint64_t offset = 0;
+  uint64_t paddr = 0;
+  uint64_t filesz = 0;
+  uint64_t memsz = 0;
+};
+
+struct ElfLayout {
+  uint64_t entry = 0;  // physical
+  std::vector<ElfSegment> segments;
+};
+
+// The entry point and loadable segments of an x86-64 ELF vmlinux, each checked to lie within
+// `image`. Throws BootError for anything else.
+ElfLayout parse_elf(std::span<const uint8_t> image);
+
 // Reads a whole kernel or initramfs file; throws BootError naming the file on failure.
 std::vector<uint8_t> read_boot_file(const std::string& path);
 

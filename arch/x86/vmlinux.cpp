@@ -4,6 +4,7 @@
 #include <zlib.h>
 #include <zstd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -16,6 +17,10 @@ namespace {
 constexpr size_t kOffPayloadOffset = 0x248;
 constexpr size_t kOffPayloadLength = 0x24C;
 constexpr size_t kChunk = 4 << 20;
+constexpr uint64_t kPage = 4096;
+constexpr size_t kElfHeaderSize = 64;
+constexpr size_t kElfPhdrSize = 56;
+constexpr uint32_t kPtLoad = 1;
 
 uint32_t le32(std::span<const uint8_t> bytes, size_t offset) {
   uint32_t value;
@@ -128,6 +133,66 @@ std::vector<uint8_t> extract_vmlinux(std::span<const uint8_t> bzimage) {
   if (!starts_with(vmlinux, {0x7F, 'E', 'L', 'F', 2, 1}))
     throw BootError("bzImage payload is not a 64-bit little-endian ELF vmlinux");
   return vmlinux;
+}
+
+namespace {
+
+template <typename T>
+void put(std::vector<uint8_t>& out, size_t offset, T value) {
+  std::memcpy(out.data() + offset, &value, sizeof value);
+}
+
+// The segment's file bytes without their trailing zeros.
+uint64_t trimmed_size(std::span<const uint8_t> bytes) {
+  auto last = std::find_if(bytes.rbegin(), bytes.rend(), [](uint8_t b) { return b != 0; });
+  return uint64_t(bytes.rend() - last);
+}
+
+uint64_t align_up(uint64_t value, uint64_t align) { return (value + align - 1) / align * align; }
+
+// One program header (ELF64 layout, as in the System V gABI).
+void put_phdr(std::vector<uint8_t>& out, size_t at, const ElfSegment& seg, uint64_t vaddr) {
+  put<uint32_t>(out, at, kPtLoad);
+  put<uint32_t>(out, at + 4, 7);  // PF_R | PF_W | PF_X: the kernel sets its own permissions
+  put<uint64_t>(out, at + 8, seg.offset);
+  put<uint64_t>(out, at + 16, vaddr);
+  put<uint64_t>(out, at + 24, seg.paddr);
+  put<uint64_t>(out, at + 32, seg.filesz);
+  put<uint64_t>(out, at + 40, seg.memsz);
+  put<uint64_t>(out, at + 48, kPage);
+}
+
+}  // namespace
+
+std::vector<uint8_t> compact_vmlinux(std::span<const uint8_t> elf) {
+  ElfLayout layout = parse_elf(elf);
+  size_t headers = kElfHeaderSize + kElfPhdrSize * layout.segments.size();
+  std::vector<ElfSegment> packed;
+  uint64_t end = headers;
+  for (const ElfSegment& seg : layout.segments) {
+    ElfSegment out = seg;
+    out.filesz = trimmed_size(elf.subspan(seg.offset, seg.filesz));
+    // p_offset stays congruent to the address modulo the page size, as the gABI asks.
+    out.offset = align_up(end, kPage) + seg.paddr % kPage;
+    end = out.offset + out.filesz;
+    packed.push_back(out);
+  }
+  std::vector<uint8_t> out(end);
+  std::copy_n(elf.begin(), kElfHeaderSize, out.begin());
+  put<uint64_t>(out, 32, kElfHeaderSize);  // e_phoff
+  put<uint64_t>(out, 40, 0);               // e_shoff: no sections
+  put<uint16_t>(out, 54, kElfPhdrSize);    // e_phentsize
+  put<uint16_t>(out, 56, uint16_t(packed.size()));
+  put<uint16_t>(out, 58, 64);  // e_shentsize
+  put<uint16_t>(out, 60, 0);   // e_shnum
+  put<uint16_t>(out, 62, 0);   // e_shstrndx
+  for (size_t i = 0; i < packed.size(); ++i) {
+    // The kernel's virtual addresses are not needed to boot it; readelf still wants one.
+    put_phdr(out, kElfHeaderSize + i * kElfPhdrSize, packed[i], packed[i].paddr);
+    std::copy_n(elf.begin() + int64_t(layout.segments[i].offset), packed[i].filesz,
+                out.begin() + int64_t(packed[i].offset));
+  }
+  return out;
 }
 
 }  // namespace kiln::x86

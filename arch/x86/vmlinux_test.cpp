@@ -92,6 +92,41 @@ TEST(Vmlinux, ExtractsTheDebianKernelsXzPayloadAsAnX86_64Elf) {
   EXPECT_EQ(machine, 62);  // EM_X86_64
 }
 
+// What a kernel's load leaves in guest RAM below 128 MiB.
+std::vector<uint8_t> loaded_ram(std::span<const uint8_t> kernel) {
+  auto mem = memory::GuestMemory::create_ram(256ull << 20);
+  load_linux(mem, kernel, {}, "console=ttyS0", 0xE0000);
+  auto ram = mem.slice(0, 128ull << 20);
+  EXPECT_TRUE(ram);
+  return {ram->data(), ram->data() + ram->size()};
+}
+
+TEST(Vmlinux, CompactingKeepsWhatTheLoaderPlacesAndHalvesTheFile) {
+  auto image = real_bzimage();
+  ASSERT_FALSE(image.empty());
+  auto vmlinux = extract_vmlinux(image);
+  auto compact = compact_vmlinux(vmlinux);
+  EXPECT_LT(compact.size(), vmlinux.size() * 6 / 10);
+  ElfLayout before = parse_elf(vmlinux), after = parse_elf(compact);
+  EXPECT_EQ(after.entry, before.entry);
+  ASSERT_EQ(after.segments.size(), before.segments.size());
+  for (size_t i = 0; i < after.segments.size(); ++i) {
+    EXPECT_EQ(after.segments[i].paddr, before.segments[i].paddr);
+    EXPECT_EQ(after.segments[i].memsz, before.segments[i].memsz);
+    EXPECT_EQ(after.segments[i].offset % 4096, after.segments[i].paddr % 4096);
+  }
+  // The loader's view is the same byte for byte: the trimmed zeros come back as zero fill.
+  EXPECT_TRUE(loaded_ram(compact) == loaded_ram(vmlinux));
+  // Compacting is idempotent.
+  EXPECT_EQ(compact_vmlinux(compact), compact);
+}
+
+TEST(Vmlinux, CompactingRefusesWhatTheLoaderRefuses) {
+  auto elf = fake_vmlinux();  // ELF magic but no valid program headers
+  EXPECT_THROW(compact_vmlinux(elf), BootError);
+  EXPECT_THROW(compact_vmlinux(std::vector<uint8_t>(10, 0x7F)), BootError);
+}
+
 TEST(Vmlinux, UnpacksGzipAndZstdPayloads) {
   auto image = real_bzimage();
   ASSERT_FALSE(image.empty());
