@@ -99,8 +99,7 @@ QemuStatus qemu_block_status(SyncImage& top, uint64_t offset, uint64_t bytes) {
     len = std::min(len, size - off);
     if (auto* q = dynamic_cast<Image*>(&layer)) {
       // qcow2 reports at most up to the end of the current L2 table.
-      const uint64_t l2_span = q->cluster_size() * (q->cluster_size() / 8);
-      len = std::min(len, l2_span - off % l2_span);
+      len = std::min(len, q->l2_span() - off % q->l2_span());
     }
     const auto e = layer.block_status(off, len);
     s.length = std::min(len, e.length);
@@ -115,7 +114,7 @@ QemuStatus qemu_block_status(SyncImage& top, uint64_t offset, uint64_t bytes) {
         break;
       case ExtentKind::kZero:
         s.flags = QemuStatus::kZero | QemuStatus::kAllocated;
-        if (raw) s.flags |= QemuStatus::kOffsetValid;
+        if (raw || e.host_offset) s.flags |= QemuStatus::kOffsetValid;
         break;
       case ExtentKind::kUnallocated:
         s.flags = 0;
@@ -124,6 +123,8 @@ QemuStatus qemu_block_status(SyncImage& top, uint64_t offset, uint64_t bytes) {
         } else if (off >= image_length(*layer.backing())) {
           s.flags = QemuStatus::kZero;
         }
+        // qcow2 names the host cluster of unallocated subclusters and preallocated metadata.
+        if (e.host_offset) s.flags |= QemuStatus::kOffsetValid;
         break;
     }
     if (off + s.length == size) s.flags |= QemuStatus::kEof;

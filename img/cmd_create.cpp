@@ -54,7 +54,7 @@ void apply_qcow2_options(const std::map<std::string, std::string>& opts, CreateO
     } else if (key == "lazy_refcounts") {
       o.lazy_refcounts = parse_on_off(key, value);
     } else if (key == "extended_l2") {
-      if (parse_on_off(key, value)) throw UsageError("extended_l2=on is not supported");
+      o.extended_l2 = parse_on_off(key, value);
     } else if (key == "size") {
       o.size = block::qcow2::parse_size(value);
     } else {
@@ -150,8 +150,8 @@ int cmd_create(int argc, char** argv) {
   }
   if (!size_given) throw UsageError("Image creation needs a size parameter");
   if (!quiet) {
-    std::string line = fmt::format("Formatting '{}', fmt=qcow2 cluster_size={} extended_l2=off",
-                                   file, o.cluster_size);
+    std::string line = fmt::format("Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={}",
+                                   file, o.cluster_size, o.extended_l2 ? "on" : "off");
     if (o.preallocate_metadata) line += " preallocation=metadata";
     line += fmt::format(" compression_type={} size={}",
                         o.compression_type == CompressionType::kZstd ? "zstd" : "zlib", o.size);

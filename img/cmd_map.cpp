@@ -41,15 +41,25 @@ ChainStatus chain_status(SyncImage& top, uint64_t offset, uint64_t length) {
           s.has_offset = true;
           s.offset = offset;
           s.file = layer->path();
+        } else if (e.host_offset) {  // qcow2 zero range with a preallocated host cluster
+          s.has_offset = true;
+          s.offset = e.host_offset;
+          s.file = layer->path();
         }
         return s;
       case ExtentKind::kUnallocated:
-        if (!layer->backing()) return s;  // absent everywhere: reads as zeros
-        layer = layer->backing();
-        if (offset >= layer->size()) {
-          s.depth = depth + 1;
+        // No layer below, or past its end: reads as zeros, and QEMU reports it at this depth
+        // (it marks the range zero before looking further). It still names the host cluster
+        // holding the range (unallocated subclusters, preallocated metadata).
+        if (!layer->backing() || offset >= layer->backing()->size()) {
+          if (e.host_offset) {
+            s.has_offset = true;
+            s.offset = e.host_offset;
+            s.file = layer->path();
+          }
           return s;
         }
+        layer = layer->backing();
         length = std::min(length, layer->size() - offset);
         break;
     }

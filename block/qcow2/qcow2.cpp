@@ -164,8 +164,10 @@ void Image::load(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& 
   cluster_size_ = 1ull << header_.cluster_bits;
 
   const uint64_t unknown = header_.incompatible_features & ~kIncompatSupported;
-  if (header_.incompatible_features & kIncompatExtendedL2) {
-    throw Qcow2Error("unsupported qcow2 feature: extended L2 entries (subclusters)");
+  if (extended_l2() && header_.cluster_bits < kMinExtendedL2ClusterBits) {
+    // QEMU's wording: a subcluster must be at least 512 bytes.
+    throw Qcow2Error(
+        fmt::format("Unsupported subcluster size: {}", cluster_size_ / kSubclustersPerCluster));
   }
   if (header_.incompatible_features & kIncompatExternalData) {
     throw Qcow2Error("unsupported qcow2 feature: external data file");
@@ -307,7 +309,10 @@ Image::L2Table* Image::load_l2(uint64_t offset) {
   std::vector<uint8_t> raw(cluster_size_);
   pread_exact(fd_.get(), raw, offset, "L2 table");
   t.entries.resize(l2_entries());
-  for (size_t i = 0; i < t.entries.size(); ++i) t.entries[i] = load_be64(&raw[i * 8]);
+  const uint64_t width = l2_entry_bytes();
+  for (size_t i = 0; i < t.entries.size(); ++i) {
+    t.entries[i] = load_l2_entry(&raw[i * width], extended_l2());
+  }
   l2_lru_.push_front(std::move(t));
   l2_index_[offset] = l2_lru_.begin();
   return &l2_lru_.front();
@@ -328,7 +333,10 @@ void Image::evict_l2_if_needed() {
 
 void Image::write_l2(L2Table& t) {
   std::vector<uint8_t> raw(cluster_size_);
-  for (size_t i = 0; i < t.entries.size(); ++i) store_be64(&raw[i * 8], t.entries[i]);
+  const uint64_t width = l2_entry_bytes();
+  for (size_t i = 0; i < t.entries.size(); ++i) {
+    store_l2_entry(&raw[i * width], t.entries[i], extended_l2());
+  }
   pwrite_all(fd_.get(), raw, t.offset);
   t.dirty = false;
 }
@@ -346,7 +354,7 @@ Image::L2Table* Image::get_l2(uint64_t l1_index, bool allocate) {
   }
   if (!allocate) return nullptr;
   // New table, or copy-on-write of a table shared with a snapshot (L1 entry without COPIED).
-  std::vector<uint64_t> entries(l2_entries(), 0);
+  std::vector<L2Entry> entries(l2_entries());
   if (off != 0) entries = load_l2(off)->entries;
   const uint64_t new_off = alloc_clusters(1);
   l2_clusters_.insert(new_off);
@@ -360,15 +368,31 @@ Image::L2Table* Image::get_l2(uint64_t l1_index, bool allocate) {
   return &l2_lru_.front();
 }
 
-uint64_t Image::l2_entry(uint64_t guest_cluster) {
+L2Entry Image::l2_entry(uint64_t guest_cluster) {
   L2Table* t = get_l2(guest_cluster / l2_entries(), false);
-  return t ? t->entries[guest_cluster % l2_entries()] : 0;
+  return t ? t->entries[guest_cluster % l2_entries()] : L2Entry{};
 }
 
-void Image::set_l2_entry(uint64_t guest_cluster, uint64_t entry) {
+void Image::set_l2_entry(uint64_t guest_cluster, const L2Entry& entry) {
   L2Table* t = get_l2(guest_cluster / l2_entries(), true);
   t->entries[guest_cluster % l2_entries()] = entry;
   t->dirty = true;
+}
+
+ExtentKind Image::subcluster_kind(const L2Entry& e, uint32_t sc, uint64_t guest_offset) const {
+  // Compressed clusters have no subclusters; QEMU reads them whatever their (reserved) bitmap.
+  if (e.compressed()) return ExtentKind::kCompressed;
+  if (!extended_l2()) {
+    if ((e.word & kL2FlagZero) && header_.version >= 3) return ExtentKind::kZero;
+    return e.host() ? ExtentKind::kData : ExtentKind::kUnallocated;
+  }
+  if (const char* why = e.bitmap_error(); *why) {
+    throw Qcow2Error(fmt::format("Invalid L2 entry for guest offset 0x{:x}: {}",
+                                 guest_offset - guest_offset % cluster_size_, why));
+  }
+  if (e.alloc_bits() >> sc & 1) return ExtentKind::kData;
+  if (e.zero_bits() >> sc & 1) return ExtentKind::kZero;
+  return ExtentKind::kUnallocated;
 }
 
 void Image::check_data_offset(uint64_t host, uint64_t guest_offset) const {
@@ -407,27 +431,43 @@ void Image::read_from_backing(uint64_t offset, std::span<uint8_t> buf) {
 }
 
 void Image::read_cluster_part(uint64_t offset, std::span<uint8_t> buf) {
-  const uint64_t entry = l2_entry(offset / cluster_size_);
+  const L2Entry entry = l2_entry(offset / cluster_size_);
   const uint64_t in_cluster = offset % cluster_size_;
-  if (entry & kFlagCompressed) {
-    if (entry != last_compressed_entry_ || last_compressed_.empty()) {
-      read_compressed(entry, last_compressed_);
-      last_compressed_entry_ = entry;
+  if (entry.compressed()) {
+    if (entry.word != last_compressed_entry_ || last_compressed_.empty()) {
+      read_compressed(entry.word, last_compressed_);
+      last_compressed_entry_ = entry.word;
     }
     std::memcpy(buf.data(), last_compressed_.data() + in_cluster, buf.size());
     return;
   }
-  const uint64_t host = entry & kOffsetMask;
-  if ((entry & kL2FlagZero) && header_.version >= 3) {
-    std::memset(buf.data(), 0, buf.size());
-    return;
+  read_subclusters(entry, offset, buf);
+}
+
+// Reads part of one (not compressed) cluster, one run of subclusters in the same state at a time.
+void Image::read_subclusters(const L2Entry& entry, uint64_t offset, std::span<uint8_t> buf) {
+  const uint64_t sc_size = subcluster_size();
+  const uint64_t cluster_start = offset - offset % cluster_size_;
+  while (!buf.empty()) {
+    const uint64_t in_cluster = offset - cluster_start;
+    const ExtentKind kind = subcluster_kind(entry, uint32_t(in_cluster / sc_size), offset);
+    uint64_t n = std::min<uint64_t>(buf.size(), sc_size - in_cluster % sc_size);
+    while (n < buf.size() &&
+           subcluster_kind(entry, uint32_t((in_cluster + n) / sc_size), offset) == kind) {
+      n = std::min<uint64_t>(buf.size(), n + sc_size);
+    }
+    const auto part = buf.first(n);
+    if (kind == ExtentKind::kZero) {
+      std::memset(part.data(), 0, part.size());
+    } else if (kind == ExtentKind::kUnallocated) {
+      read_from_backing(offset, part);
+    } else {
+      check_data_offset(entry.host(), offset);
+      pread_zero_fill(fd_.get(), part, entry.host() + in_cluster);
+    }
+    offset += n;
+    buf = buf.subspan(n);
   }
-  if (host == 0) {
-    read_from_backing(offset, buf);
-    return;
-  }
-  check_data_offset(host, offset);
-  pread_zero_fill(fd_.get(), buf, host + in_cluster);
 }
 
 void Image::read_compressed(uint64_t entry, std::vector<uint8_t>& out) {
@@ -478,31 +518,35 @@ Extent Image::block_status(uint64_t offset, uint64_t length) {
   Extent e{offset, 0, ExtentKind::kUnallocated, 0};
   if (offset >= header_.size) return {offset, length, ExtentKind::kZero, 0};
   length = std::min(length, header_.size - offset);
+  // One step per subcluster (per cluster in standard images); an extent ends where the state or,
+  // for ranges backed by a host cluster, host contiguity ends.
+  const uint64_t sc_size = subcluster_size();
   uint64_t pos = offset;
   uint64_t expected_host = 0;
+  uint64_t entry_cluster = UINT64_MAX;
+  L2Entry entry;
   while (pos < offset + length) {
-    const uint64_t entry = l2_entry(pos / cluster_size_);
-    ExtentKind kind;
-    uint64_t host = entry & kOffsetMask;
-    if (entry & kFlagCompressed) {
-      kind = ExtentKind::kCompressed;
-      host = 0;
-    } else if ((entry & kL2FlagZero) && header_.version >= 3) {
-      kind = ExtentKind::kZero;
-      host = 0;
-    } else if (host) {
-      kind = ExtentKind::kData;
-    } else {
-      kind = ExtentKind::kUnallocated;
+    if (pos / cluster_size_ != entry_cluster) {
+      entry_cluster = pos / cluster_size_;
+      entry = l2_entry(entry_cluster);
     }
-    const uint64_t n = std::min(cluster_size_ - pos % cluster_size_, offset + length - pos);
+    const uint64_t in_cluster = pos % cluster_size_;
+    const ExtentKind kind = subcluster_kind(entry, uint32_t(in_cluster / sc_size), pos);
+    const uint64_t host =
+        kind == ExtentKind::kCompressed || !entry.host() ? 0 : entry.host() + in_cluster;
+    // A cluster whose subclusters all share one state is one step (unallocated tables of a
+    // large sparse image would otherwise cost 32 steps per cluster).
+    const bool uniform = entry.compressed() || entry.alloc_bits() == ~0u ||
+                         entry.zero_bits() == ~0u || entry.bitmap == 0 || !extended_l2();
+    const uint64_t step = uniform ? cluster_size_ - in_cluster : sc_size - in_cluster % sc_size;
+    const uint64_t n = std::min(step, offset + length - pos);
     if (pos == offset) {
       e.kind = kind;
-      e.host_offset = host ? host + pos % cluster_size_ : 0;
-    } else if (kind != e.kind || (kind == ExtentKind::kData && host != expected_host)) {
+      e.host_offset = host;
+    } else if (kind != e.kind || host != expected_host) {
       break;
     }
-    expected_host = host + cluster_size_;
+    expected_host = host ? host + n : 0;
     e.length += n;
     pos += n;
   }
@@ -536,9 +580,13 @@ void Image::release_entry_later(uint64_t entry) {
 }
 
 void Image::write_cluster_part(uint64_t offset, std::span<const uint8_t> buf) {
+  if (extended_l2()) {
+    write_subclusters(offset, buf);
+    return;
+  }
   const uint64_t guest_cluster = offset / cluster_size_;
   const uint64_t in_cluster = offset % cluster_size_;
-  const uint64_t entry = l2_entry(guest_cluster);
+  const uint64_t entry = l2_entry(guest_cluster).word;
   const uint64_t host = entry & kOffsetMask;
   // In a compressed entry bit 0 belongs to the (byte-granular) host offset, not the zero flag.
   const bool zero_flag =
@@ -561,14 +609,70 @@ void Image::write_cluster_part(uint64_t offset, std::span<const uint8_t> buf) {
   }
   if (in_place) {  // preallocated zero cluster: reuse its host cluster
     pwrite_all(fd_.get(), data, host);
-    set_l2_entry(guest_cluster, host | kFlagCopied);
+    set_l2_entry(guest_cluster, {host | kFlagCopied, 0});
     return;
   }
   get_l2(guest_cluster / l2_entries(), true);  // table first: keeps data clusters contiguous
   const uint64_t new_host = alloc_clusters(1);
   pwrite_all(fd_.get(), data, new_host);
-  set_l2_entry(guest_cluster, new_host | kFlagCopied);
+  set_l2_entry(guest_cluster, {new_host | kFlagCopied, 0});
   release_entry_later(entry);
+}
+
+// Extended L2 entries: only the subclusters a write touches become allocated, so a small write
+// into a new cluster writes one subcluster instead of copying a whole cluster; the others stay
+// unallocated (reading through to the backing file) or zero. Partly covered subclusters are
+// completed with what they read as now.
+void Image::write_subclusters(uint64_t offset, std::span<const uint8_t> buf) {
+  const uint64_t guest_cluster = offset / cluster_size_;
+  const uint64_t cluster_start = guest_cluster * cluster_size_;
+  const uint64_t in_cluster = offset - cluster_start;
+  const uint64_t sc_size = subcluster_size();
+  const uint32_t first_sc = uint32_t(in_cluster / sc_size);
+  const uint32_t end_sc = uint32_t(div_round_up(in_cluster + buf.size(), sc_size));
+  const uint32_t touched = subcluster_mask(first_sc, end_sc - first_sc);
+  const L2Entry entry = l2_entry(guest_cluster);
+  subcluster_kind(entry, first_sc, offset);  // refuses an invalid bitmap before changing anything
+  const bool in_place = !entry.compressed() && entry.host() && entry.copied();
+  if (in_place) {
+    check_data_offset(entry.host(), offset);
+    if ((touched & ~entry.alloc_bits()) == 0) {  // the common case: rewriting allocated data
+      pwrite_all(fd_.get(), buf, entry.host() + in_cluster);
+      return;
+    }
+  }
+  // A cluster shared with a snapshot or compressed moves to a new host cluster with all the
+  // data it held; a cluster already ours only gets the touched subclusters written.
+  const uint32_t old_alloc = entry.compressed() ? ~0u : entry.alloc_bits();
+  const uint32_t new_alloc = (in_place ? 0 : old_alloc) | touched;
+  const uint32_t lo = in_place ? first_sc : uint32_t(__builtin_ctz(new_alloc));
+  const uint32_t hi = in_place ? end_sc : 32 - uint32_t(__builtin_clz(new_alloc));
+  std::vector<uint8_t> data((hi - lo) * sc_size, 0);
+  const uint64_t lo_off = lo * sc_size;
+  if (!in_place && (old_alloc & ~touched)) {
+    read_cluster_part(cluster_start + lo_off, data);
+  } else {
+    for (uint32_t sc : {first_sc, end_sc - 1}) {
+      const uint64_t sc_off = sc * sc_size;
+      if (in_cluster > sc_off || in_cluster + buf.size() < sc_off + sc_size) {
+        read_cluster_part(cluster_start + sc_off,
+                          std::span(data).subspan(sc_off - lo_off, sc_size));
+      }
+    }
+  }
+  std::memcpy(data.data() + (in_cluster - lo_off), buf.data(), buf.size());
+
+  L2Entry next = entry;
+  if (!in_place) {
+    get_l2(guest_cluster / l2_entries(), true);  // table first: keeps data clusters contiguous
+    next.word = alloc_clusters(1) | kFlagCopied;
+    if (entry.compressed()) next.bitmap = 0;
+  }
+  const uint32_t zero = next.zero_bits() & ~(new_alloc | touched);
+  next.bitmap = uint64_t(zero) << 32 | (next.alloc_bits() | new_alloc);
+  pwrite_all(fd_.get(), data, next.host() + lo_off);
+  set_l2_entry(guest_cluster, next);
+  if (!in_place) release_entry_later(entry.word);
 }
 
 void Image::write_compressed(uint64_t offset, std::span<const uint8_t> cluster) {
@@ -596,8 +700,9 @@ void Image::write_compressed(uint64_t offset, std::span<const uint8_t> cluster) 
     out_len = ZSTD_isError(rc) ? 0 : rc;
   }
   const uint64_t guest_cluster = offset / cluster_size_;
-  const uint64_t old = l2_entry(guest_cluster);
-  if (out_len == 0 || out_len >= cluster_size_ - 512 || (old & ~kFlagCopied) != 0) {
+  const L2Entry old = l2_entry(guest_cluster);
+  if (out_len == 0 || out_len >= cluster_size_ - 512 || (old.word & ~kFlagCopied) != 0 ||
+      old.alloc_bits()) {
     lock.unlock();
     write(offset, cluster);
     return;
@@ -621,16 +726,26 @@ void Image::write_compressed(uint64_t offset, std::span<const uint8_t> cluster) 
   pwrite_all(fd_.get(), out, start);
   const uint32_t x = 62 - (header_.cluster_bits - 8);
   const uint64_t extra = ((start + out_len - 1) >> 9) - (start >> 9);
-  set_l2_entry(guest_cluster, kFlagCompressed | (extra << x) | start);
+  set_l2_entry(guest_cluster, {kFlagCompressed | (extra << x) | start, 0});
   data_dirty_ = true;
 }
 
 void Image::zero_cluster(uint64_t guest_cluster, bool unmap) {
-  const uint64_t entry = l2_entry(guest_cluster);
+  if (extended_l2()) {
+    // Every subcluster reads as zeros; like QEMU, keep a host cluster that is ours unless unmap.
+    const L2Entry entry = l2_entry(guest_cluster);
+    const bool keep = !unmap && !entry.compressed() && entry.host() && entry.copied();
+    const L2Entry next{keep ? entry.host() | kFlagCopied : 0, kBitmapAllZero};
+    if (next == entry) return;
+    set_l2_entry(guest_cluster, next);
+    if (!keep) release_entry_later(entry.word);
+    return;
+  }
+  const uint64_t entry = l2_entry(guest_cluster).word;
   if (header_.version < 3) {
     // No zero flag: without a backing file an unallocated cluster reads as zeros.
     if (!backing_) {
-      if (entry) set_l2_entry(guest_cluster, 0);
+      if (entry) set_l2_entry(guest_cluster, {});
       release_entry_later(entry);
       return;
     }
@@ -641,11 +756,47 @@ void Image::zero_cluster(uint64_t guest_cluster, bool unmap) {
   const uint64_t host = entry & kOffsetMask;
   const bool keep = !unmap && !(entry & kFlagCompressed) && host && (entry & kFlagCopied);
   if (keep) {
-    set_l2_entry(guest_cluster, host | kFlagCopied | kL2FlagZero);
+    set_l2_entry(guest_cluster, {host | kFlagCopied | kL2FlagZero, 0});
     return;
   }
-  set_l2_entry(guest_cluster, kL2FlagZero);
+  set_l2_entry(guest_cluster, {kL2FlagZero, 0});
   release_entry_later(entry);
+}
+
+// Zeroes part of one cluster of an image with extended L2 entries as QEMU does: subclusters
+// that end up all zeros get their zero bit (and lose their allocation bit; the host cluster
+// stays), and a partly covered subcluster gets zeros written unless it reads as zeros already.
+void Image::zero_subclusters(uint64_t offset, uint64_t length) {
+  const uint64_t guest_cluster = offset / cluster_size_;
+  const uint64_t cluster_start = guest_cluster * cluster_size_;
+  const uint64_t in_cluster = offset - cluster_start;
+  const uint64_t sc_size = subcluster_size();
+  if (l2_entry(guest_cluster).compressed()) {
+    std::vector<uint8_t> zeros(length, 0);
+    write_subclusters(offset, zeros);
+    return;
+  }
+  uint32_t zero_mask = 0;
+  const uint32_t end_sc = uint32_t(div_round_up(in_cluster + length, sc_size));
+  for (uint32_t sc = uint32_t(in_cluster / sc_size); sc < end_sc; ++sc) {
+    const uint64_t sc_off = sc * sc_size;
+    const uint64_t begin = std::max(in_cluster, sc_off);
+    const uint64_t end = std::min(in_cluster + length, sc_off + sc_size);
+    const ExtentKind kind = subcluster_kind(l2_entry(guest_cluster), sc, cluster_start + sc_off);
+    const bool backing_zero = kind == ExtentKind::kUnallocated &&
+                              (!backing_ || cluster_start + sc_off >= backing_->size());
+    if (end - begin == sc_size || kind == ExtentKind::kZero || backing_zero) {
+      zero_mask |= 1u << sc;
+    } else {
+      std::vector<uint8_t> zeros(end - begin, 0);
+      write_subclusters(cluster_start + begin, zeros);
+    }
+  }
+  if (zero_mask == 0) return;
+  const L2Entry entry = l2_entry(guest_cluster);  // partial writes may have moved the cluster
+  L2Entry next = entry;
+  next.bitmap = uint64_t(entry.zero_bits() | zero_mask) << 32 | (entry.alloc_bits() & ~zero_mask);
+  if (next != entry) set_l2_entry(guest_cluster, next);
 }
 
 void Image::write_zeroes(uint64_t offset, uint64_t length, bool may_unmap) {
@@ -660,6 +811,8 @@ void Image::write_zeroes(uint64_t offset, uint64_t length, bool may_unmap) {
     const uint64_t n = std::min(end - offset, cluster_size_ - in_cluster);
     if (n == cluster_size_ || (in_cluster == 0 && offset + n == header_.size)) {
       zero_cluster(offset / cluster_size_, may_unmap);
+    } else if (extended_l2()) {
+      zero_subclusters(offset, n);
     } else {
       std::vector<uint8_t> zeros(n, 0);
       write_cluster_part(offset, zeros);
@@ -679,16 +832,27 @@ void Image::discard(uint64_t offset, uint64_t length) {
   uint64_t first = div_round_up(offset, cluster_size_);
   uint64_t last = (offset + length) / cluster_size_;
   if (offset + length == header_.size) last = div_round_up(header_.size, cluster_size_);
-  for (uint64_t c = first; c < last; ++c) {
-    const uint64_t entry = l2_entry(c);
-    if (entry == 0) continue;
-    // With a backing file, "unallocated" would expose the backing data: use zero clusters.
-    const uint64_t replacement = (backing_ && header_.version >= 3) ? kL2FlagZero : 0;
-    if (backing_ && header_.version < 3) continue;
-    set_l2_entry(c, replacement);
-    release_entry_later(entry);
-  }
+  for (uint64_t c = first; c < last; ++c) discard_cluster(c);
   data_dirty_ = true;
+}
+
+void Image::discard_cluster(uint64_t guest_cluster) {
+  const L2Entry entry = l2_entry(guest_cluster);
+  if (extended_l2()) {
+    // As QEMU: a discarded cluster reads as zeros whenever anything else could show through.
+    const bool zero = backing_ || entry.host() || entry.compressed();
+    const L2Entry next = zero ? L2Entry{0, kBitmapAllZero} : L2Entry{};
+    if (next == entry) return;
+    set_l2_entry(guest_cluster, next);
+    release_entry_later(entry.word);
+    return;
+  }
+  if (entry.word == 0) return;
+  // With a backing file, "unallocated" would expose the backing data: use zero clusters.
+  const uint64_t replacement = (backing_ && header_.version >= 3) ? kL2FlagZero : 0;
+  if (backing_ && header_.version < 3) return;
+  set_l2_entry(guest_cluster, {replacement, 0});
+  release_entry_later(entry.word);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -745,10 +909,10 @@ void Image::make_empty() {
     if ((l1_[i] & kOffsetMask) == 0) continue;
     for (uint64_t j = 0; j < per_table && i * per_table + j < clusters; ++j) {
       const uint64_t guest_cluster = i * per_table + j;
-      const uint64_t entry = l2_entry(guest_cluster);
-      if (entry == 0) continue;
-      set_l2_entry(guest_cluster, 0);
-      release_entry_later(entry);
+      const L2Entry entry = l2_entry(guest_cluster);
+      if (entry.empty()) continue;
+      set_l2_entry(guest_cluster, {});
+      release_entry_later(entry.word);
     }
   }
   data_dirty_ = true;

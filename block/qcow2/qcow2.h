@@ -57,6 +57,8 @@ struct CreateOptions {
   CompressionType compression_type = CompressionType::kZlib;
   bool preallocate_metadata = false;
   bool lazy_refcounts = false;
+  // Extended L2 entries (32 subclusters per cluster); needs compat 1.1 and 16 KiB clusters.
+  bool extended_l2 = false;
 };
 
 // What one guest range of one layer maps to.
@@ -65,7 +67,9 @@ struct Extent {
   uint64_t start = 0;
   uint64_t length = 0;
   ExtentKind kind = ExtentKind::kUnallocated;
-  uint64_t host_offset = 0;  // kData only
+  // kData: where the data is. kZero and kUnallocated: the preallocated host cluster, if any
+  // (QEMU's map reports its offset too); 0 otherwise.
+  uint64_t host_offset = 0;
 };
 
 // A synchronous image of any format, as the chain sees it.
@@ -180,11 +184,14 @@ class Image : public SyncImage {
   uint64_t cluster_size() const { return cluster_size_; }
   uint32_t refcount_bits() const { return 1u << header_.refcount_order; }
   std::string backing_format() const { return backing_format_of(header_); }
+  bool extended_l2() const { return header_.incompatible_features & kIncompatExtendedL2; }
+  // Guest bytes one L2 table maps.
+  uint64_t l2_span() const { return cluster_size_ * l2_entries(); }
 
  private:
   struct L2Table {
     uint64_t offset = 0;
-    std::vector<uint64_t> entries;
+    std::vector<L2Entry> entries;
     bool dirty = false;
   };
   struct RefBlock {
@@ -203,23 +210,34 @@ class Image : public SyncImage {
   uint64_t file_size() const;
 
   // Mapping.
-  uint64_t l2_entries() const { return cluster_size_ / 8; }
+  uint64_t l2_entries() const { return cluster_size_ / l2_entry_bytes(); }
+  uint64_t l2_entry_bytes() const { return extended_l2() ? 16 : 8; }
+  // Subclusters: 32 per cluster with extended L2 entries, else the cluster is the only one.
+  uint32_t subclusters() const { return extended_l2() ? kSubclustersPerCluster : 1; }
+  uint64_t subcluster_size() const { return cluster_size_ / subclusters(); }
+  // What subcluster `sc` of a cluster with this entry reads as. Throws Qcow2Error for entries
+  // whose subcluster bitmap is invalid (QEMU refuses those with EIO too).
+  ExtentKind subcluster_kind(const L2Entry& e, uint32_t sc, uint64_t guest_offset) const;
   L2Table* get_l2(uint64_t l1_index, bool allocate);
   L2Table* load_l2(uint64_t offset);
   void evict_l2_if_needed();
   void write_l2(L2Table& t);
-  uint64_t l2_entry(uint64_t guest_cluster);
-  void set_l2_entry(uint64_t guest_cluster, uint64_t entry);
+  L2Entry l2_entry(uint64_t guest_cluster);
+  void set_l2_entry(uint64_t guest_cluster, const L2Entry& entry);
   void check_data_offset(uint64_t host, uint64_t guest_offset) const;
   // Header, L1, refcount table or a refcount block; with_l2 adds the active L2 tables.
   bool is_metadata(uint64_t host_cluster_offset, bool with_l2 = true) const;
 
   // Reads/writes within one guest cluster.
   void read_cluster_part(uint64_t offset, std::span<uint8_t> buf);
+  void read_subclusters(const L2Entry& entry, uint64_t offset, std::span<uint8_t> buf);
   void read_compressed(uint64_t entry, std::vector<uint8_t>& out);
   void read_from_backing(uint64_t offset, std::span<uint8_t> buf);
   void write_cluster_part(uint64_t offset, std::span<const uint8_t> buf);
+  void write_subclusters(uint64_t offset, std::span<const uint8_t> buf);
   void zero_cluster(uint64_t guest_cluster, bool unmap);
+  void zero_subclusters(uint64_t offset, uint64_t length);
+  void discard_cluster(uint64_t guest_cluster);
   void release_entry_later(uint64_t entry);
 
   // Refcounts.
@@ -292,6 +310,8 @@ class Image : public SyncImage {
     uint64_t index;
     uint64_t entry;
   };
+  void check_l2_entry(const L2Entry& e, uint32_t x, bool active, uint64_t& last_host,
+                      std::vector<uint64_t>& refs, CheckResult& r);
   CheckResult check_locked(std::vector<uint64_t>& refs, std::vector<L2Ref>& copied_errors);
   void walk_l1(uint64_t l1_offset, uint64_t l1_size, bool active, std::vector<uint64_t>& refs,
                CheckResult& r);

@@ -62,35 +62,60 @@ void Image::walk_l1(uint64_t l1_offset, uint64_t l1_size, bool active, std::vect
     if (r.corruptions != before) continue;
     pread_zero_fill(fd_.get(), l2raw, l2_off);
     for (uint64_t j = 0; j < l2_entries(); ++j) {
-      const uint64_t e = load_be64(&l2raw[j * 8]);
-      if (e & kFlagCompressed) {
-        const uint64_t coff = e & ((1ull << x) - 1);
-        const uint64_t sectors = ((e & ~kFlagCopied & ~kFlagCompressed) >> x) + 1;
-        add_refs(coff & ~511ull, sectors * 512, refs, r, "compressed cluster");
-        if (active) {
-          ++r.allocated_clusters;
-          ++r.compressed_clusters;
-          ++r.fragmented_clusters;  // as qemu-img counts them: re-read sector by sector
-        }
-        continue;
-      }
-      const uint64_t host = e & kOffsetMask;
-      if (host == 0) continue;
-      if (host % cluster_size_ != 0) {
+      const L2Entry e = load_l2_entry(&l2raw[j * l2_entry_bytes()], extended_l2());
+      if (extended_l2() && e.compressed() && e.bitmap) {
+        // QEMU also drops the cluster's references here, so its repair would free live data;
+        // keeping them makes this a report only.
         ++r.corruptions;
         r.messages.push_back(
-            fmt::format("ERROR offset={:x}: Cluster is not properly aligned; L2 "
-                        "entry corrupted.",
-                        host));
-        continue;
+            fmt::format("ERROR compressed cluster {} with non-zero subcluster allocation "
+                        "bitmap, entry=0x{:x}",
+                        j, e.word));
       }
-      add_refs(host, cluster_size_, refs, r, "data cluster");
-      if (active) {
-        ++r.allocated_clusters;
-        if (last_host != 0 && host != last_host + cluster_size_) ++r.fragmented_clusters;
-        last_host = host;
-      }
+      check_l2_entry(e, x, active, last_host, refs, r);
     }
+  }
+}
+
+void Image::check_l2_entry(const L2Entry& e, uint32_t x, bool active, uint64_t& last_host,
+                           std::vector<uint64_t>& refs, CheckResult& r) {
+  if (e.compressed()) {
+    const uint64_t coff = e.word & ((1ull << x) - 1);
+    const uint64_t sectors = ((e.word & ~kFlagCopied & ~kFlagCompressed) >> x) + 1;
+    add_refs(coff & ~511ull, sectors * 512, refs, r, "compressed cluster");
+    if (active) {
+      ++r.allocated_clusters;
+      ++r.compressed_clusters;
+      ++r.fragmented_clusters;  // as qemu-img counts them: re-read sector by sector
+    }
+    return;
+  }
+  const uint64_t host = e.host();
+  if (extended_l2() && (e.alloc_bits() & e.zero_bits()) && host) {
+    ++r.corruptions;
+    r.messages.push_back(fmt::format(
+        "ERROR offset={:x}: Allocated cluster has corrupted subcluster allocation bitmap", host));
+  }
+  if (host == 0) {
+    if (extended_l2() && e.alloc_bits()) {
+      ++r.corruptions;
+      r.messages.push_back("ERROR: Unallocated cluster has non-zero subcluster allocation map");
+    }
+    return;
+  }
+  if (host % cluster_size_ != 0) {
+    ++r.corruptions;
+    r.messages.push_back(
+        fmt::format("ERROR offset={:x}: Cluster is not properly aligned; L2 "
+                    "entry corrupted.",
+                    host));
+    return;
+  }
+  add_refs(host, cluster_size_, refs, r, "data cluster");
+  if (active) {
+    ++r.allocated_clusters;
+    if (last_host != 0 && host != last_host + cluster_size_) ++r.fragmented_clusters;
+    last_host = host;
   }
 }
 
@@ -193,7 +218,7 @@ CheckResult Image::check_locked(std::vector<uint64_t>& refs, std::vector<L2Ref>&
     }
     pread_zero_fill(fd_.get(), l2raw, l2_off);
     for (uint64_t j = 0; j < l2_entries(); ++j) {
-      const uint64_t e = load_be64(&l2raw[j * 8]);
+      const uint64_t e = load_be64(&l2raw[j * l2_entry_bytes()]);
       const uint64_t host = e & kOffsetMask;
       if ((e & kFlagCompressed) || host == 0 || host % cluster_size_ != 0 || host >= fsize) {
         continue;
@@ -247,7 +272,7 @@ void Image::repair(RepairMode mode, std::vector<uint64_t>& refs, const std::vect
         continue;
       }
       L2Table* t = load_l2(ref.table_offset);
-      uint64_t& e = t->entries[ref.index];
+      uint64_t& e = t->entries[ref.index].word;
       const bool one = get_refcount((e & kOffsetMask) / cluster_size_) == 1;
       e = one ? (e | kFlagCopied) : (e & ~kFlagCopied);
       t->dirty = true;

@@ -80,6 +80,16 @@ void Image::create(const std::string& path, const CreateOptions& o) {
   if (o.version == 2 && o.lazy_refcounts) {
     throw Qcow2Error("Lazy refcounts only supported with compatibility level 1.1 and above");
   }
+  if (o.extended_l2 && o.version < 3) {
+    throw Qcow2Error(
+        "Extended L2 entries are only supported with compatibility level 1.1 and above (use "
+        "version=v3 or greater)");
+  }
+  if (o.extended_l2 && cluster_bits < kMinExtendedL2ClusterBits) {
+    throw Qcow2Error(fmt::format(
+        "Extended L2 entries are only supported with cluster sizes of at least {} bytes",
+        1u << kMinExtendedL2ClusterBits));
+  }
   if (o.size > kMaxVirtualSize) throw Qcow2Error("Image size too large");
   if (!o.backing_format.empty() && o.backing_file.empty()) {
     throw Qcow2Error("Backing format cannot be used without backing file");
@@ -97,9 +107,11 @@ void Image::create(const std::string& path, const CreateOptions& o) {
     h.incompatible_features |= kIncompatCompressionType;
   }
   if (o.lazy_refcounts) h.compatible_features |= kCompatLazyRefcounts;
+  if (o.extended_l2) h.incompatible_features |= kIncompatExtendedL2;
   h.backing_file = o.backing_file;
   set_backing_format(h, o.backing_format);
-  h.l1_size = uint32_t(div_round_up(o.size, cs * (cs / 8)));
+  const uint64_t l2_entry_bytes = o.extended_l2 ? 16 : 8;
+  h.l1_size = uint32_t(div_round_up(o.size, cs * (cs / l2_entry_bytes)));
   if (uint64_t(h.l1_size) * 8 > kMaxL1Bytes) throw Qcow2Error("Image size too large for L1");
   const uint64_t l1_clusters = std::max<uint64_t>(1, div_round_up(h.l1_size * 8ull, cs));
 
@@ -148,7 +160,8 @@ void Image::create(const std::string& path, const CreateOptions& o) {
     uint64_t end = 0;
     for (uint64_t c = 0; c < clusters; ++c) {
       const uint64_t host = img->alloc_clusters(1);
-      img->set_l2_entry(c, host | kFlagCopied);
+      // As QEMU: the host cluster is reserved, its subclusters stay unallocated (read as zeros).
+      img->set_l2_entry(c, {host | kFlagCopied, 0});
       end = std::max(end, host + cs);
     }
     img->flush_locked();

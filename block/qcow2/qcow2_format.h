@@ -33,7 +33,7 @@ inline constexpr uint64_t kIncompatCompressionType = 1ull << 3;
 inline constexpr uint64_t kIncompatExtendedL2 = 1ull << 4;
 // The incompatible bits this implementation understands and honours.
 inline constexpr uint64_t kIncompatSupported =
-    kIncompatDirty | kIncompatCorrupt | kIncompatCompressionType;
+    kIncompatDirty | kIncompatCorrupt | kIncompatCompressionType | kIncompatExtendedL2;
 inline constexpr uint64_t kCompatLazyRefcounts = 1ull << 0;
 
 // Header extension types.
@@ -47,6 +47,43 @@ inline constexpr uint64_t kFlagCopied = 1ull << 63;
 inline constexpr uint64_t kFlagCompressed = 1ull << 62;
 inline constexpr uint64_t kL2FlagZero = 1ull << 0;
 inline constexpr uint64_t kL1ReservedMask = 0x7f000000000001ffull;
+
+// Extended L2 entries: 32 subclusters per cluster, and QEMU requires clusters of at least 16 KiB
+// (so that a subcluster is at least 512 bytes).
+inline constexpr uint32_t kSubclustersPerCluster = 32;
+inline constexpr uint32_t kMinExtendedL2ClusterBits = 14;
+inline constexpr uint64_t kBitmapAllAlloc = 0x00000000ffffffffull;
+inline constexpr uint64_t kBitmapAllZero = 0xffffffff00000000ull;
+
+// One L2 table entry. Standard images have only the 64-bit descriptor (`word`); images with
+// extended L2 entries add a subcluster bitmap: bit i = subcluster i allocated, bit 32+i =
+// subcluster i reads as zeros. Keeping both halves in one value lets the table code stay the
+// same for both entry widths.
+struct L2Entry {
+  uint64_t word = 0;
+  uint64_t bitmap = 0;
+
+  uint64_t host() const { return word & kOffsetMask; }
+  bool compressed() const { return word & kFlagCompressed; }
+  bool copied() const { return word & kFlagCopied; }
+  bool empty() const { return word == 0 && bitmap == 0; }
+  uint32_t alloc_bits() const { return uint32_t(bitmap); }
+  uint32_t zero_bits() const { return uint32_t(bitmap >> 32); }
+  bool operator==(const L2Entry&) const = default;
+  // Why the bitmap is not valid for this descriptor ("" when it is), as qemu-img check says it.
+  // Only meaningful in images with extended L2 entries.
+  const char* bitmap_error() const {
+    if (compressed()) return bitmap ? "compressed cluster with non-zero subcluster bitmap" : "";
+    if (alloc_bits() & zero_bits()) return "subcluster both allocated and reading as zeros";
+    if (host() == 0 && alloc_bits()) return "unallocated cluster with allocated subclusters";
+    return "";
+  }
+};
+
+// Subcluster bits [first, first + count) of a 32-bit half of the bitmap.
+inline uint32_t subcluster_mask(uint32_t first, uint32_t count) {
+  return count >= 32 ? ~0u << first : ((1u << count) - 1) << first;
+}
 
 enum class CompressionType : uint8_t { kZlib = 0, kZstd = 1 };
 
@@ -105,6 +142,14 @@ inline void store_be32(uint8_t* p, uint32_t v) {
 inline void store_be64(uint8_t* p, uint64_t v) {
   store_be32(p, uint32_t(v >> 32));
   store_be32(p + 4, uint32_t(v));
+}
+
+inline L2Entry load_l2_entry(const uint8_t* p, bool extended) {
+  return {load_be64(p), extended ? load_be64(p + 8) : 0};
+}
+inline void store_l2_entry(uint8_t* p, const L2Entry& e, bool extended) {
+  store_be64(p, e.word);
+  if (extended) store_be64(p + 8, e.bitmap);
 }
 
 // Parses the fixed header fields, extensions and backing file name from the start of the file

@@ -137,7 +137,8 @@ void Image::update_snapshot_refcounts(std::vector<uint64_t>& l1, int addend, boo
     }
     L2Table* t = load_l2(l2_off);
     bool changed = false;
-    for (auto& e : t->entries) {
+    for (auto& l2e : t->entries) {
+      uint64_t& e = l2e.word;  // the subcluster bitmap of an extended entry never changes here
       if (e & kFlagCompressed) {
         if (addend != 0) {
           const uint64_t coff = e & ((1ull << x) - 1);

@@ -110,9 +110,12 @@ TEST_F(RobustnessTest, UnknownIncompatibleFeatureRefused) {
   EXPECT_NE(open_error().find("Unsupported"), std::string::npos);
 }
 
-TEST_F(RobustnessTest, ExtendedL2Refused) {
+TEST_F(RobustnessTest, ExtendedL2BitMakesL2EntriesSixteenBytes) {
+  // The bit alone turns the second 8-byte entry into the first entry's subcluster bitmap: an
+  // allocated + zero pair for subcluster 0 must be refused, not read.
   write_file_at(img_, 72, be64(kIncompatExtendedL2));
-  EXPECT_NE(open_error().find("extended L2"), std::string::npos);
+  write_file_at(img_, 0x40008, be64(0x0000000100000001ull));
+  EXPECT_NE(open_error().find("subcluster both allocated and reading as zeros"), std::string::npos);
 }
 
 TEST_F(RobustnessTest, L2EntryPointingAtHeader) {
