@@ -44,20 +44,21 @@ void store(const std::filesystem::path& path, const std::vector<uint8_t>& vmlinu
 
 }  // namespace
 
-std::vector<uint8_t> cached_vmlinux(const std::string& dir, std::span<const uint8_t> bzimage) {
+FileBytes cached_vmlinux(const std::string& dir, std::span<const uint8_t> bzimage) {
   std::filesystem::path path = std::filesystem::path(dir) / cache_name(bzimage);
   std::error_code ec;
   if (std::filesystem::is_regular_file(path, ec)) {
     try {
-      auto vmlinux = x86::read_boot_file(path.string());
-      if (vmlinux.size() >= 4 && vmlinux[0] == 0x7F && vmlinux[1] == 'E') return vmlinux;
+      auto vmlinux = x86::map_boot_file(path.string());
+      auto bytes = vmlinux.bytes();
+      if (bytes.size() >= 4 && bytes[0] == 0x7F && bytes[1] == 'E') return vmlinux;
     } catch (const x86::BootError&) {
     }
     spdlog::warn("--kernel-cache: {} is unreadable or not ELF; unpacking again", path.string());
   }
   auto vmlinux = x86::compact_vmlinux(x86::extract_vmlinux(bzimage));
   store(path, vmlinux);
-  return vmlinux;
+  return FileBytes(std::move(vmlinux));
 }
 
 }  // namespace kiln::vmm

@@ -8,11 +8,13 @@
 #include <string>
 #include <vector>
 
+#include "base/file_bytes.h"
+
 namespace kiln::vmm {
 
 // The vmlinux inside `bzimage`, from DIR when an earlier boot left it there, else unpacked now
 // and stored (atomically; a DIR that cannot be written only costs the next boot the unpacking).
 // Throws x86::BootError for a payload that cannot be unpacked.
-std::vector<uint8_t> cached_vmlinux(const std::string& dir, std::span<const uint8_t> bzimage);
+FileBytes cached_vmlinux(const std::string& dir, std::span<const uint8_t> bzimage);
 
 }  // namespace kiln::vmm

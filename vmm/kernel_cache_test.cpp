@@ -31,12 +31,17 @@ std::vector<fs::path> entries(const fs::path& dir) {
   return out;
 }
 
+std::vector<uint8_t> cached(const std::string& dir, std::span<const uint8_t> bzimage) {
+  auto file = cached_vmlinux(dir, bzimage);
+  return {file.bytes().begin(), file.bytes().end()};
+}
+
 TEST(KernelCache, UnpacksOnceThenServesTheStoredVmlinux) {
   auto bzimage = real_bzimage();
   ASSERT_FALSE(bzimage.empty());
   fs::path dir = fs::path(::testing::TempDir()) / "kiln-kernel-cache";
   fs::remove_all(dir);
-  auto first = cached_vmlinux(dir.string(), bzimage);
+  auto first = cached(dir.string(), bzimage);
   EXPECT_EQ(first, x86::compact_vmlinux(x86::extract_vmlinux(bzimage)));
   auto stored = entries(dir);
   ASSERT_EQ(stored.size(), 1u);  // no temporary file left behind
@@ -47,11 +52,11 @@ TEST(KernelCache, UnpacksOnceThenServesTheStoredVmlinux) {
   marked[8] = 0xAB;  // e_ident padding
   std::ofstream(stored[0], std::ios::binary)
       .write(reinterpret_cast<const char*>(marked.data()), std::streamsize(marked.size()));
-  EXPECT_EQ(cached_vmlinux(dir.string(), bzimage)[8], 0xAB);
+  EXPECT_EQ(cached(dir.string(), bzimage)[8], 0xAB);
 
   // A damaged entry is replaced by a fresh unpacking.
   std::ofstream(stored[0], std::ios::binary | std::ios::trunc) << "garbage";
-  EXPECT_EQ(cached_vmlinux(dir.string(), bzimage), first);
+  EXPECT_EQ(cached(dir.string(), bzimage), first);
   EXPECT_EQ(fs::file_size(stored[0]), first.size());
   fs::remove_all(dir);
 }
@@ -59,7 +64,7 @@ TEST(KernelCache, UnpacksOnceThenServesTheStoredVmlinux) {
 TEST(KernelCache, AnUnwritableDirectoryStillBoots) {
   auto bzimage = real_bzimage();
   ASSERT_FALSE(bzimage.empty());
-  EXPECT_EQ(cached_vmlinux("/proc/no-such-dir", bzimage),
+  EXPECT_EQ(cached("/proc/no-such-dir", bzimage),
             x86::compact_vmlinux(x86::extract_vmlinux(bzimage)));
 }
 

@@ -226,9 +226,9 @@ class StepTimer {
   std::chrono::steady_clock::time_point mark_ = std::chrono::steady_clock::now();
 };
 
-std::vector<uint8_t> read_file_or_config_error(const std::string& path, const char* what) {
+FileBytes map_file_or_config_error(const std::string& path, const char* what) {
   try {
-    return x86::read_boot_file(path);
+    return x86::map_boot_file(path);
   } catch (const std::exception& e) {
     throw ConfigError(fmt::format("{}: {}", what, e.what()));
   }
@@ -399,24 +399,23 @@ void Machine::Impl::create_pci_devices() {
 
 x86::LoadedKernel Machine::Impl::load_kernel() {
   StepTimer step_done;
-  auto kernel = read_file_or_config_error(config.kernel, "--kernel");
-  step_done("reading the kernel");
-  bool is_elf = kernel.size() >= 4 && kernel[0] == 0x7F && kernel[1] == 'E';
+  FileBytes kernel = map_file_or_config_error(config.kernel, "--kernel");
+  step_done("mapping the kernel");
+  bool is_elf = kernel.size() >= 4 && kernel.bytes()[0] == 0x7F && kernel.bytes()[1] == 'E';
   if (!config.kernel_cache.empty() && !is_elf) {
     try {
-      kernel = cached_vmlinux(config.kernel_cache, kernel);
+      kernel = cached_vmlinux(config.kernel_cache, kernel.bytes());
     } catch (const x86::BootError& e) {
       throw ConfigError(fmt::format("cannot boot {}: {}", config.kernel, e.what()));
     }
     step_done("the kernel cache");
   }
-  std::vector<uint8_t> initramfs;
+  FileBytes initramfs;
   if (!config.initramfs.empty())
-    initramfs = read_file_or_config_error(config.initramfs, "--initramfs");
-  step_done("reading the initramfs");
+    initramfs = map_file_or_config_error(config.initramfs, "--initramfs");
   uint64_t rsdp = acpi::write_acpi_tables(*memory, {config.cpus, true});
   try {
-    auto loaded = x86::load_linux(*memory, kernel, initramfs, config.cmdline, rsdp);
+    auto loaded = x86::load_linux(*memory, kernel.bytes(), initramfs.bytes(), config.cmdline, rsdp);
     step_done("placing kernel, initramfs and ACPI tables in guest memory");
     return loaded;
   } catch (const x86::BootError& e) {

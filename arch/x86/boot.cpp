@@ -4,7 +4,6 @@
 #include <array>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 
 #include "arch/x86/e820.h"
 
@@ -342,15 +341,19 @@ LoadedKernel load_linux(const memory::GuestMemory& mem, std::span<const uint8_t>
                      initramfs, cmdline, rsdp_addr);
 }
 
-std::vector<uint8_t> read_boot_file(const std::string& path) {
+FileBytes map_boot_file(const std::string& path) {
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec)) throw BootError("no such file: " + path);
-  std::ifstream in(path, std::ios::binary);
-  uint64_t size = std::filesystem::file_size(path, ec);
-  if (!in || ec) throw BootError("cannot open " + path);
-  std::vector<uint8_t> bytes(size);
-  if (!in.read(reinterpret_cast<char*>(bytes.data()), size)) throw BootError("cannot read " + path);
-  return bytes;
+  try {
+    return FileBytes::map(path);
+  } catch (const std::system_error& e) {
+    throw BootError(e.what());
+  }
+}
+
+std::vector<uint8_t> read_boot_file(const std::string& path) {
+  auto file = map_boot_file(path);
+  return {file.bytes().begin(), file.bytes().end()};
 }
 
 // Linux links vmlinux with ENTRY(phys_startup_64), so e_entry is already physical.

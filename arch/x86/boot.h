@@ -12,6 +12,7 @@
 
 #include "arch/x86/boot_error.h"
 #include "arch/x86/cpu_state.h"
+#include "base/file_bytes.h"
 #include "memory/guest_memory.h"
 
 namespace kiln::x86 {
@@ -86,7 +87,10 @@ struct ElfLayout {
 // `image`. Throws BootError for anything else.
 ElfLayout parse_elf(std::span<const uint8_t> image);
 
-// Reads a whole kernel or initramfs file; throws BootError naming the file on failure.
+// A whole kernel or initramfs file, mapped (see base/file_bytes.h); throws BootError naming the
+// file on failure.
+FileBytes map_boot_file(const std::string& path);
+// The same, copied into a vector the caller may change.
 std::vector<uint8_t> read_boot_file(const std::string& path);
 
 }  // namespace kiln::x86
