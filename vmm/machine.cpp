@@ -87,6 +87,7 @@ class KvmMsiVector : public devices::MsiVector {
     uint64_t one = 1;
     [[maybe_unused]] ssize_t n = ::write(fd_.get(), &one, sizeof(one));
   }
+  int eventfd() const override { return fd_.get(); }
 
  private:
   hv::Vm& vm_;

@@ -110,11 +110,12 @@ VirtioNet::~VirtioNet() {
   spdlog::debug(
       "virtio-net {}: tx {} frames {} bytes {} dropped, {} kicks {} interrupts; rx {} frames {} "
       "bytes, {} tap wake-ups {} kicks {} interrupts, {} pauses, {} bad buffers; {} kernel "
-      "data path starts",
+      "data path starts ({} rings with direct kicks, {} with direct interrupts)",
       format_mac(mac_), m.tx_packets.load(), m.tx_bytes.load(), m.tx_dropped.load(),
       m.tx_kicks.load(), m.tx_interrupts.load(), m.rx_packets.load(), m.rx_bytes.load(),
       m.rx_wakeups.load(), m.rx_kicks.load(), m.rx_interrupts.load(), m.rx_pauses.load(),
-      m.rx_bad_buffers.load(), m.kernel_starts.load());
+      m.rx_bad_buffers.load(), m.kernel_starts.load(), m.kernel_direct_kicks.load(),
+      m.kernel_direct_calls.load());
 }
 
 uint64_t VirtioNet::device_features() const {
@@ -184,20 +185,35 @@ bool VirtioNet::start_kernel_locked() {
   start.features = activation_.acked_features & kernel_features_;
   start.memory = &memory;
   start.tap_fd = backend_->fd();
+  VirtioInterrupt* interrupt = activation_.interrupt;
+  int kicks[2], calls[2];
   for (uint16_t q : {kNetReceiveQueue, kNetTransmitQueue}) {
     const Queue& queue = activation_.queues[q];
     if (!queue.ready()) {
       log_.warn("virtio-net: the driver did not enable the receive and transmit queues");
       return false;
     }
-    auto ring = describe_kernel_ring(queue, q, memory, kick_[q].get(), call_[q].get());
+    // The kernel waits on the eventfd the guest's notify write signals (a KVM ioeventfd) and
+    // raises the interrupt with the vector's irqfd: neither goes through kiln. Without them
+    // (tests, or a vector not deliverable right now) kiln relays.
+    kicks[q] =
+        q < activation_.notify_eventfds.size() ? activation_.notify_eventfds[q] : kick_[q].get();
+    int irqfd = interrupt->queue_irqfd(q);
+    calls[q] = irqfd >= 0 ? irqfd : call_[q].get();
+    auto ring = describe_kernel_ring(queue, q, memory, kicks[q], calls[q]);
     if (!ring) return false;
     start.rings.push_back(*ring);
   }
-  // The kernel's "call" means used buffers: raise the queue's interrupt. The callbacks take no
-  // device lock, so stop_kernel_locked() may remove them while holding it.
-  VirtioInterrupt* interrupt = activation_.interrupt;
+  // The kernel's "call" on a relayed ring means used buffers: raise the queue's interrupt. The
+  // callbacks take no device lock, so stop_kernel_locked() may remove them while holding it.
   for (uint16_t q : {kNetReceiveQueue, kNetTransmitQueue}) {
+    kick_target_[q] = kicks[q];
+    if (kicks[q] != kick_[q].get()) metrics_.kernel_direct_kicks++;
+    if (calls[q] != call_[q].get()) {
+      metrics_.kernel_direct_calls++;
+      continue;
+    }
+    relaying_call_[q] = true;
     int fd = call_[q].get();
     loop_.add(fd, [this, fd, q, interrupt](uint32_t) {
       uint64_t count;
@@ -216,7 +232,7 @@ bool VirtioNet::start_kernel_locked() {
   }
   metrics_.kernel_starts++;
   // Buffers the driver made available before the kernel ran are seen on this first kick.
-  for (auto& kick : kick_) signal_eventfd(kick.get());
+  for (int fd : kicks) signal_eventfd(fd);
   return true;
 }
 
@@ -229,9 +245,11 @@ void VirtioNet::stop_kernel_locked() {
   } catch (const std::exception& e) {
     log_.warn(std::string("virtio-net: stopping the kernel data path: ") + e.what());
   }
-  for (auto& call : call_) loop_.remove(call.get());
   // Interrupts the kernel raised just before it stopped are delivered, not lost.
   for (uint16_t q : {kNetReceiveQueue, kNetTransmitQueue}) {
+    if (!relaying_call_[q]) continue;
+    relaying_call_[q] = false;
+    loop_.remove(call_[q].get());
     uint64_t count;
     if (::read(call_[q].get(), &count, sizeof(count)) == sizeof(count) && activation_.interrupt)
       activation_.interrupt->signal_queue(q);
@@ -292,7 +310,8 @@ void VirtioNet::process_queue(uint16_t queue) {
     // holding it. A kick while the kernel is stopped is kept by the eventfd.
     if (queue > kNetTransmitQueue) return;
     (queue == kNetReceiveQueue ? metrics_.rx_kicks : metrics_.tx_kicks)++;
-    signal_eventfd(kick_[queue].get());
+    int fd = kick_target_[queue].load();
+    signal_eventfd(fd >= 0 ? fd : kick_[queue].get());
     return;
   }
   std::lock_guard lock(mutex_);
