@@ -64,7 +64,7 @@ class KvmIrqLine : public devices::IrqLine {
 class KvmMsiVector : public devices::MsiVector {
  public:
   explicit KvmMsiVector(hv::Vm& vm) : vm_(vm), gsi_(vm.allocate_gsi()) {
-    fd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    fd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     if (!fd_) throw std::system_error(errno, std::generic_category(), "eventfd for an MSI vector");
     vm_.add_irqfd(fd_.get(), gsi_);
   }
