@@ -26,6 +26,9 @@ class MsiVector : public InterruptTrigger {
  public:
   // Called when the guest writes the vector's table entry or (un)masks it.
   virtual void configure(uint64_t address, uint32_t data, bool masked) = 0;
+  // An eventfd whose every write raises this vector inside the host kernel (a KVM irqfd), for
+  // back-ends that run in the kernel too; -1 if there is none.
+  virtual int eventfd() const { return -1; }
 };
 
 // Hands out MSI vectors (the VMM backs each by a GSI route and an irqfd).

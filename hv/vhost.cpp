@@ -92,4 +92,9 @@ void VhostVsock::set_running(bool running) {
   ioctl_or_throw(VHOST_VSOCK_SET_RUNNING, &value, "VHOST_VSOCK_SET_RUNNING");
 }
 
+void VhostNet::set_backend(uint32_t index, int fd) {
+  vhost_vring_file file{index, fd};
+  ioctl_or_throw(VHOST_NET_SET_BACKEND, &file, "VHOST_NET_SET_BACKEND");
+}
+
 }  // namespace kiln::hv

@@ -61,4 +61,15 @@ class VhostVsock : public VhostDevice {
   void set_running(bool running);
 };
 
+// vhost-net (/dev/vhost-net): the rx and tx queues of a virtio-net device, moving frames
+// between guest buffers and a tap fd inside the kernel. The tap keeps doing the virtio_net_hdr
+// (IFF_VNET_HDR), so VHOST_NET_F_VIRTIO_NET_HDR is never acked.
+class VhostNet : public VhostDevice {
+ public:
+  static constexpr const char* kDefaultPath = "/dev/vhost-net";
+  explicit VhostNet(const std::string& path = kDefaultPath) : VhostDevice(path) {}
+  // Attaches tap `fd` to ring `index`; -1 detaches it (the ring stops).
+  void set_backend(uint32_t index, int fd);
+};
+
 }  // namespace kiln::hv

@@ -189,6 +189,10 @@ NetConfig parse_net(const std::string& text) {
       net.tap = value;
     else if (key == "mac")
       net.mac = value;
+    else if (key == "vhost" && (value == "on" || value == "off"))
+      net.vhost = value == "on";
+    else if (key == "vhost")
+      throw ConfigError(fmt::format("--net: vhost must be on or off, not '{}'", value));
     else
       throw ConfigError(fmt::format("--net: unknown option '{}'", key.empty() ? value : key));
   }
@@ -266,6 +270,7 @@ void to_json(nlohmann::json& j, const VmConfig& c) {
   for (const NetConfig& n : c.nets) {
     nlohmann::json net = {{"tap", n.tap}};
     if (!n.mac.empty()) net["mac"] = n.mac;
+    if (n.vhost) net["vhost"] = *n.vhost;
     j["nets"].push_back(net);
   }
 }
@@ -344,9 +349,10 @@ void from_json(const nlohmann::json& j, VmConfig& c) {
     c.nets.clear();
     for (const auto& n : j.at("nets")) {
       if (!n.is_object()) throw ConfigError("config: each net must be an object");
-      check_known_keys(n, {"tap", "mac"}, "a net");
+      check_known_keys(n, {"tap", "mac", "vhost"}, "a net");
       std::string text = "tap=" + get_field<std::string>(n, "tap");
       if (n.contains("mac")) text += ",mac=" + get_field<std::string>(n, "mac");
+      if (n.contains("vhost")) text += get_field<bool>(n, "vhost") ? ",vhost=on" : ",vhost=off";
       c.nets.push_back(parse_net(text));
     }
   }
@@ -389,7 +395,9 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   auto* disk = app.add_option(
       "--disk", disks, "path=F[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]");
   std::vector<std::string> nets;
-  auto* net = app.add_option("--net", nets, "tap=NAME[,mac=52:54:00:xx:xx:xx] (virtio-net)");
+  auto* net = app.add_option("--net", nets,
+                             "tap=NAME[,mac=52:54:00:xx:xx:xx][,vhost=on|off] (virtio-net; vhost: "
+                             "the data path in the kernel's vhost-net)");
   auto* rng = app.add_flag("--rng", c.rng, "virtio-rng device");
   auto* con = app.add_option("--console", console,
                              "virtio console (hvc0): pty (bare flag)|stdio|file:PATH|socket:PATH")

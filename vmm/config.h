@@ -31,9 +31,15 @@ struct DiskConfig {
   std::string serial;
 };
 
+// Whether virtio-net uses vhost-net when the config does not say.
+inline constexpr bool kNetVhostByDefault = false;
+
 struct NetConfig {
   std::string tap;  // host tap interface name
   std::string mac;  // "52:54:00:12:34:56" (lowercase); empty: derived from the tap name
+  // The data path in the host kernel (vhost-net) rather than in kiln. nullopt: the default
+  // (kNetVhostByDefault), falling back to userspace when the host has no /dev/vhost-net.
+  std::optional<bool> vhost;
 };
 
 struct VmConfig {
@@ -76,7 +82,7 @@ uint64_t parse_vsock(const std::string& text);
 // "path=F[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]"
 DiskConfig parse_disk(const std::string& text);
 
-// "tap=NAME[,mac=52:54:00:12:34:56]"
+// "tap=NAME[,mac=52:54:00:12:34:56][,vhost=on|off]"
 NetConfig parse_net(const std::string& text);
 
 void to_json(nlohmann::json& j, const VmConfig& config);

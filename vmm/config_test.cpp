@@ -230,6 +230,36 @@ TEST(ParseNet, ReadsTapAndMacAndRefusesBadOnes) {
   }
 }
 
+TEST(ParseNet, VhostIsOnOffOrTheDefault) {
+  EXPECT_FALSE(parse_net("tap=t").vhost.has_value());
+  EXPECT_EQ(parse_net("tap=t,vhost=on").vhost, std::optional<bool>(true));
+  EXPECT_EQ(parse_net("tap=t,mac=52:54:00:00:00:01,vhost=off").vhost, std::optional<bool>(false));
+  EXPECT_THROW(parse_net("tap=t,vhost=yes"), ConfigError);
+  EXPECT_THROW(parse_net("tap=t,vhost="), ConfigError);
+  EXPECT_THROW(parse_net("tap=t,vhost"), ConfigError);
+}
+
+TEST(CommandLine, NetVhostRoundTripsThroughJson) {
+  auto c = parse({"--kernel", "k", "--net", "tap=tap0,vhost=on", "--net", "tap=tap1,vhost=off",
+                  "--net", "tap=tap2"});
+  ASSERT_TRUE(c);
+  nlohmann::json j = *c;
+  EXPECT_EQ(j["nets"][0]["vhost"], true);
+  EXPECT_EQ(j["nets"][1]["vhost"], false);
+  EXPECT_FALSE(j["nets"][2].contains("vhost"));  // the default stays the default
+  std::string path = ::testing::TempDir() + "/vhostnet.json";
+  std::ofstream(path) << j.dump(2);
+  auto loaded = parse({"--config", path});
+  ASSERT_TRUE(loaded);
+  ASSERT_EQ(loaded->nets.size(), 3u);
+  EXPECT_EQ(loaded->nets[0].vhost, std::optional<bool>(true));
+  EXPECT_EQ(loaded->nets[1].vhost, std::optional<bool>(false));
+  EXPECT_FALSE(loaded->nets[2].vhost.has_value());
+  std::string bad = ::testing::TempDir() + "/badvhost.json";
+  std::ofstream(bad) << R"({"kernel":"k","nets":[{"tap":"t","vhost":"on"}]})";
+  EXPECT_THROW(parse({"--config", bad}), ConfigError);  // a boolean in JSON
+}
+
 TEST(CommandLine, NetIsRepeatableAndRoundTripsThroughJson) {
   auto c = parse({"--kernel", "k", "--net", "tap=tap0", "--net", "tap=tap1,mac=52:54:00:00:00:02"});
   ASSERT_TRUE(c);

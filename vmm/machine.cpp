@@ -65,7 +65,7 @@ class KvmIrqLine : public devices::IrqLine {
 class KvmMsiVector : public devices::MsiVector {
  public:
   explicit KvmMsiVector(hv::Vm& vm) : vm_(vm), gsi_(vm.allocate_gsi()) {
-    fd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    fd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     if (!fd_) throw std::system_error(errno, std::generic_category(), "eventfd for an MSI vector");
     vm_.add_irqfd(fd_.get(), gsi_);
   }
@@ -88,6 +88,7 @@ class KvmMsiVector : public devices::MsiVector {
     uint64_t one = 1;
     [[maybe_unused]] ssize_t n = ::write(fd_.get(), &one, sizeof(one));
   }
+  int eventfd() const override { return fd_.get(); }
 
  private:
   hv::Vm& vm_;
@@ -156,6 +157,64 @@ class VhostVsockBackend : public devices::virtio::VsockBackend {
   hv::VhostVsock vhost_;
   uint64_t features_ = 0;
 };
+
+// virtio-net's receive and transmit rings run in the host kernel's vhost-net, on the tap.
+class VhostNetDatapath : public devices::virtio::NetKernelDatapath {
+ public:
+  VhostNetDatapath() : features_(vhost_.features()) {}
+  uint64_t features() const override { return features_; }
+  void start(const devices::virtio::NetKernelStart& start) override {
+    vhost_.set_features(start.features & features_);
+    std::vector<hv::VhostMemoryRegion> regions;
+    for (const memory::Region& r : start.memory->regions())
+      regions.push_back({r.gpa, r.size, reinterpret_cast<uint64_t>(r.host)});
+    vhost_.set_memory_table(regions);
+    rings_.clear();
+    for (const auto& ring : start.rings) {
+      vhost_.set_vring_num(ring.index, ring.size);
+      vhost_.set_vring_base(ring.index, ring.next_avail);
+      vhost_.set_vring_addresses(ring.index, {ring.desc_host, ring.avail_host, ring.used_host});
+      vhost_.set_vring_kick(ring.index, ring.kick_fd);
+      vhost_.set_vring_call(ring.index, ring.call_fd);
+      rings_.push_back(ring.index);
+    }
+    // The tap last: from here on the kernel moves frames.
+    for (uint16_t index : rings_) vhost_.set_backend(index, start.tap_fd);
+  }
+  std::vector<uint16_t> stop() override {
+    for (uint16_t index : rings_) vhost_.set_backend(index, -1);
+    std::vector<uint16_t> next_avail;
+    for (uint16_t index : rings_) next_avail.push_back(uint16_t(vhost_.get_vring_base(index)));
+    rings_.clear();
+    return next_avail;
+  }
+
+ private:
+  hv::VhostNet vhost_;
+  uint64_t features_ = 0;
+  std::vector<uint16_t> rings_;
+};
+
+// vhost=on must work; by default vhost-net is used when the host has it.
+std::unique_ptr<devices::virtio::NetKernelDatapath> open_vhost_net(const NetConfig& net) {
+  if (!net.vhost.value_or(kNetVhostByDefault)) return nullptr;
+  try {
+    auto datapath = std::make_unique<VhostNetDatapath>();
+    if (!(datapath->features() & devices::virtio::kFeatureVersion1))
+      throw std::runtime_error("this kernel's vhost-net lacks VIRTIO_F_VERSION_1");
+    return datapath;
+  } catch (const std::exception& e) {
+    std::string why = e.what();
+    if (const auto* error = dynamic_cast<const std::system_error*>(&e);
+        error && error->code().value() == ENOENT)
+      why =
+          fmt::format("{} does not exist (load the vhost_net module)", hv::VhostNet::kDefaultPath);
+    if (net.vhost) throw ConfigError(fmt::format("--net tap={},vhost=on: {}", net.tap, why));
+    spdlog::info("virtio-net on tap {}: vhost-net unavailable ({}); using the userspace data path",
+                 net.tap, why);
+    return nullptr;
+  }
+}
 
 std::unique_ptr<VhostVsockBackend> open_vhost_vsock(uint64_t cid) {
   try {
@@ -250,8 +309,10 @@ std::shared_ptr<devices::virtio::VirtioNet> open_net(const NetConfig& net, Event
   }
   auto mac = net.mac.empty() ? default_mac(net.tap) : parse_mac(net.mac);
   if (!mac) throw ConfigError(fmt::format("--net: malformed MAC address '{}'", net.mac));
-  spdlog::debug("virtio-net on tap {} with MAC {}", net.tap, format_mac(*mac));
-  return std::make_shared<VirtioNet>(std::move(tap), *mac, loop);
+  auto kernel = open_vhost_net(net);
+  spdlog::debug("virtio-net on tap {} with MAC {}, {} data path", net.tap, format_mac(*mac),
+                kernel ? "vhost-net" : "userspace");
+  return std::make_shared<VirtioNet>(std::move(tap), *mac, loop, std::move(kernel));
 }
 
 }  // namespace

@@ -74,7 +74,7 @@ void run_net(const uint8_t* header) {
   testing::FakeInterrupt interrupt;
   uint64_t features = net.device_features();
   if (!(header[2] & 4)) features &= ~(kNetFeatureGuestCsum | kNetFeatureGuestTso4);
-  VirtioActivation activation{&ram(), queues, &interrupt, features};
+  VirtioActivation activation{&ram(), queues, &interrupt, features, {}};
   if (!net.activate(activation)) return;
   net.process_queue(kNetTransmitQueue);
   net.process_queue(kNetReceiveQueue);

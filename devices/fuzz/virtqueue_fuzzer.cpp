@@ -76,8 +76,8 @@ void run_block(const uint8_t* header) {
   configure(queue, header);
   if (queue.activate(ram())) return;
   testing::FakeInterrupt interrupt;
-  VirtioActivation activation{&ram(), std::span<Queue>(&queue, 1), &interrupt,
-                              block.device_features()};
+  VirtioActivation activation{
+      &ram(), std::span<Queue>(&queue, 1), &interrupt, block.device_features(), {}};
   if (!block.activate(activation)) return;
   block.process_queue(0);
   block.reset();
@@ -93,8 +93,8 @@ void run_balloon(const uint8_t* header) {
     if (queue.activate(ram())) return;
   }
   testing::FakeInterrupt interrupt;
-  VirtioActivation activation{&ram(), std::span<Queue>(queues, 3), &interrupt,
-                              balloon.device_features()};
+  VirtioActivation activation{
+      &ram(), std::span<Queue>(queues, 3), &interrupt, balloon.device_features(), {}};
   if (!balloon.activate(activation)) return;
   balloon.process_queue(uint16_t(header[3] % 3));
   balloon.request_stats();

@@ -136,6 +136,12 @@ bool Msix::trigger(uint16_t vector) {
   return true;
 }
 
+int Msix::direct_eventfd(uint16_t vector) const {
+  std::lock_guard lock(mutex_);
+  if (!enabled_ || vector >= num_vectors() || function_masked_ || entry_masked(vector)) return -1;
+  return vectors_[vector]->eventfd();
+}
+
 bool Msix::pending(uint16_t vector) const {
   std::lock_guard lock(mutex_);
   return vector < num_vectors() && (pending_[vector / 64] >> (vector % 64)) & 1;

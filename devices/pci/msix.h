@@ -55,6 +55,11 @@ class Msix {
   // `vector` is out of range (the message is dropped: there is no INTx fallback here).
   bool trigger(uint16_t vector);
   bool pending(uint16_t vector) const;
+  // The eventfd that raises `vector` in the kernel (MsiVector::eventfd) if a message sent now
+  // would be delivered (MSI-X on, neither the function nor the entry masked), else -1. A
+  // back-end that signals it directly bypasses later masking: only for vectors the guest keeps
+  // unmasked while the device runs (virtqueue vectors).
+  int direct_eventfd(uint16_t vector) const;
 
   MsixState save() const;
   void restore(const MsixState& state);

@@ -8,8 +8,10 @@
 #include <memory>
 #include <string>
 #include <system_error>
+#include <vector>
 
 #include "base/unique_fd.h"
+#include "devices/virtio/kernel_ring.h"
 
 namespace kiln::devices::virtio {
 
@@ -26,6 +28,28 @@ class NetBackend {
   // Which offloads frames delivered to the guest may use (kTunOffload* bits). False if the
   // host refused them.
   virtual bool set_offloads(uint32_t flags) = 0;
+};
+
+// What the kernel data path is given when the driver sets DRIVER_OK.
+struct NetKernelStart {
+  uint64_t features = 0;  // negotiated with the driver, masked to NetKernelDatapath::features()
+  const memory::GuestMemory* memory = nullptr;
+  std::vector<KernelRing> rings;  // receive, then transmit
+  int tap_fd = -1;
+};
+
+// A data path that moves frames between the guest's rings and the tap inside the host kernel
+// (vhost-net), implemented by the VMM. Called from the thread that activates or resets the
+// device; throws std::exception on failure.
+class NetKernelDatapath {
+ public:
+  virtual ~NetKernelDatapath() = default;
+  // Ring and device features it can do (VIRTIO_F_*, VIRTIO_RING_F_*, VIRTIO_NET_F_MRG_RXBUF).
+  virtual uint64_t features() const = 0;
+  virtual void start(const NetKernelStart& start) = 0;
+  // Detaches the tap and stops the rings; returns each ring's next available index, in the
+  // order start() was given them, so the device can carry on from there.
+  virtual std::vector<uint16_t> stop() = 0;
 };
 
 // Why a tap could not be opened, in words for the user (permission, busy, no such device).

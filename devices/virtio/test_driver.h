@@ -107,6 +107,11 @@ class VirtioPciTestDriver {
     }
   }
 
+  // Sets or clears the Mask bit of MSI-X table entry `vector`.
+  void mask_vector(uint32_t vector, bool masked) {
+    write(msix_table_ + 16 * vector + 12, masked ? 1 : 0, 4);
+  }
+
   // --- MMIO helpers ---
   uint64_t read(uint64_t gpa, size_t size) {
     uint8_t data[8] = {};

@@ -27,6 +27,7 @@ class FakeMsiVector : public MsiVector {
     ++configures;
   }
   void trigger() override { triggers++; }
+  int eventfd() const override { return direct_fd; }
 
   std::mutex mutex;
   uint64_t address = 0;
@@ -34,6 +35,7 @@ class FakeMsiVector : public MsiVector {
   bool masked = true;
   int configures = 0;
   std::atomic<int> triggers{0};
+  int direct_fd = -1;  // what eventfd() reports (an irqfd under KVM)
 };
 
 class FakeMsiAllocator : public MsiAllocator {

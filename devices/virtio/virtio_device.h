@@ -40,6 +40,10 @@ class VirtioInterrupt {
   // The driver broke the protocol in a way the device cannot recover from: sets
   // DEVICE_NEEDS_RESET and sends a configuration-change interrupt (spec 2.1.2).
   virtual void needs_reset(const std::string& why) = 0;
+  // An eventfd that raises `queue`'s interrupt inside the host kernel (an irqfd on its MSI-X
+  // vector), for a device whose rings a kernel back-end runs; -1 when there is none or the
+  // vector is not deliverable now (then relay through signal_queue). Valid until reset().
+  virtual int queue_irqfd(uint16_t /*queue*/) { return -1; }
 };
 
 struct VirtioActivation {
@@ -49,6 +53,9 @@ struct VirtioActivation {
   std::span<Queue> queues;
   VirtioInterrupt* interrupt = nullptr;
   uint64_t acked_features = 0;
+  // Per queue, the eventfd the driver's notifications signal (a KVM ioeventfd under KVM), for a
+  // device that hands a queue to a kernel back-end (see handles_notifications).
+  std::span<const int> notify_eventfds;
 };
 
 class VirtioDevice {
@@ -73,6 +80,10 @@ class VirtioDevice {
   virtual bool activate(const VirtioActivation& activation) = 0;
   // A queue was notified. Runs on the event-loop thread.
   virtual void process_queue(uint16_t queue) = 0;
+  // True if the device takes `queue`'s notifications itself from
+  // VirtioActivation::notify_eventfds (a kernel back-end waits on it): the transport then does
+  // not watch it and process_queue is not called for it.
+  virtual bool handles_notifications(uint16_t /*queue*/) const { return false; }
   // Stops all work (waiting for in-flight back-end requests) and forgets the activation. Not
   // called concurrently with process_queue.
   virtual void reset() = 0;

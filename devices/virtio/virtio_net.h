@@ -3,6 +3,10 @@
 // virtio_net_hdr included: the tap (IFF_VNET_HDR) understands the same header, so checksum
 // and segmentation offloads pass through untouched.
 //
+// With a NetKernelDatapath (vhost-net), the receive and transmit rings run in the host kernel
+// instead: the device negotiates features, sets the tap's offloads and hands the rings and the
+// tap over on DRIVER_OK, relays notifications through eventfds, and takes them back on reset.
+//
 // Receive is driven by the tap: the event loop watches its fd while the guest has receive
 // buffers posted, and stops watching it when they run out (or a readable tap with nowhere to
 // put the frame would spin the loop) until the guest kicks the receive queue again.
@@ -68,13 +72,21 @@ struct NetMetrics {
   std::atomic<uint64_t> rx_kicks{0};
   std::atomic<uint64_t> tx_interrupts{0};  // used-buffer interrupts sent, per queue
   std::atomic<uint64_t> rx_interrupts{0};
-  std::atomic<uint64_t> rx_wakeups{0};  // the tap became readable
+  std::atomic<uint64_t> rx_wakeups{0};     // the tap became readable
+  std::atomic<uint64_t> kernel_starts{0};  // activations on the kernel data path
+  // Rings started with the transport's notification eventfd / the vector's irqfd given to the
+  // kernel directly (no trip through kiln), out of 2 per start.
+  std::atomic<uint64_t> kernel_direct_kicks{0};
+  std::atomic<uint64_t> kernel_direct_calls{0};
 };
 
 class VirtioNet : public VirtioDevice {
  public:
   // `loop` must outlive the device; it watches the backend's fd while the device is active.
-  VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac, EventLoop& loop);
+  // With `kernel`, the rings run in the kernel data path (it must be able to do
+  // VIRTIO_F_VERSION_1); without, in this process.
+  VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac, EventLoop& loop,
+            std::unique_ptr<NetKernelDatapath> kernel = nullptr);
   ~VirtioNet() override;
 
   uint32_t device_type() const override { return kDeviceIdNet; }
@@ -86,18 +98,30 @@ class VirtioNet : public VirtioDevice {
 
   bool activate(const VirtioActivation& activation) override;
   void process_queue(uint16_t queue) override;
+  bool handles_notifications(uint16_t queue) const override {
+    return kernel_ && queue <= kNetTransmitQueue;
+  }
   void reset() override;
 
   const NetMetrics& metrics() const { return metrics_; }
   const MacAddress& mac() const { return mac_; }
   // Offload flags last given to the backend (kTunOffload*).
   uint32_t backend_offloads() const { return offloads_.load(); }
+  bool uses_kernel_datapath() const { return kernel_ != nullptr; }
+
+  // Stops the kernel data path and writes where it got to back into the queues, so that the
+  // transport's save() describes the rings exactly; resume() hands them back. For a paused VM
+  // (vCPUs stopped). No-ops on the userspace data path, where the queues are always current.
+  void pause();
+  void resume();
 
  private:
   void transmit_locked();
   void receive_locked();
   void watch_backend_locked();
   void unwatch_backend_locked();
+  bool start_kernel_locked();
+  void stop_kernel_locked();
 
   std::unique_ptr<NetBackend> backend_;
   MacAddress mac_;
@@ -107,6 +131,14 @@ class VirtioNet : public VirtioDevice {
   bool watching_ = false;  // the loop watches backend_->fd()
   VirtioActivation activation_;
   std::atomic<uint32_t> offloads_{0};
+  std::unique_ptr<NetKernelDatapath> kernel_;
+  uint64_t kernel_features_ = 0;
+  UniqueFd kick_[2];  // device -> kernel data path, per ring, when the transport has no eventfd
+  UniqueFd call_[2];  // kernel data path -> device, when the vector has no irqfd
+  std::atomic<int> kick_target_[2] = {-1, -1};  // what the kernel waits on
+  bool relaying_call_[2] = {false, false};      // the loop watches call_[q]
+  bool kernel_running_ = false;
+  bool paused_ = false;
   NetMetrics metrics_;
   RateLimitedLog log_;
 };

@@ -1,10 +1,13 @@
 #include "devices/virtio/virtio_net.h"
 
 #include <gtest/gtest.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -311,6 +314,228 @@ TEST_F(VirtioNetTest, SaveRestoreResumesOnTheSameRingsWithANewBackend) {
   EXPECT_EQ(rx_.used_element(1), std::make_pair(1u, uint32_t(kNetHeaderSize + 5)));
   EXPECT_EQ(guest_read(kBuffers + 0x1000 + kNetHeaderSize, 5), bytes("after"));
   EXPECT_EQ(net->metrics().rx_packets, 1u);
+}
+
+// Stands in for vhost-net: records what the device hands over and returns configured ring
+// positions on stop.
+struct FakeKernelState {
+  std::mutex mutex;
+  uint64_t features = kFeatureVersion1 | kFeatureRingEventIdx | kNetFeatureMrgRxbuf |
+                      (1ull << 27) /* VHOST_NET_F_VIRTIO_NET_HDR */ |
+                      (1ull << 26) /* VHOST_F_LOG_ALL */;
+  bool fail_start = false;
+  int starts = 0, stops = 0;
+  NetKernelStart last;
+  std::vector<uint16_t> stop_positions = {0, 0};
+};
+
+class FakeKernel : public NetKernelDatapath {
+ public:
+  explicit FakeKernel(FakeKernelState& state) : s_(state) {}
+  uint64_t features() const override { return s_.features; }
+  void start(const NetKernelStart& start) override {
+    std::lock_guard lock(s_.mutex);
+    if (s_.fail_start) throw std::runtime_error("VHOST_NET_SET_BACKEND: no");
+    s_.starts++;
+    s_.last = start;
+  }
+  std::vector<uint16_t> stop() override {
+    std::lock_guard lock(s_.mutex);
+    s_.stops++;
+    return s_.stop_positions;
+  }
+
+ private:
+  FakeKernelState& s_;
+};
+
+uint64_t eventfd_count(int fd) {
+  uint64_t value = 0;
+  return ::read(fd, &value, sizeof(value)) == sizeof(value) ? value : 0;
+}
+
+class VirtioNetKernelTest : public VirtioNetTest {
+ protected:
+  void SetUp() override {
+    int pair[2];
+    ASSERT_EQ(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair), 0);
+    peer_.reset(pair[1]);
+    tap_fd_ = pair[0];
+    net_ = std::make_shared<VirtioNet>(std::make_unique<SocketBackend>(pair[0], offloads_),
+                                       MacAddress{0x52, 0x54, 0x00, 0x12, 0x34, 0x56}, m_.loop,
+                                       std::make_unique<FakeKernel>(kernel_));
+    transport_ = std::make_shared<VirtioPciDevice>(net_, m_.memory, m_.msi, m_.loop);
+    driver_ = std::make_unique<VirtioPciTestDriver>(m_, m_.root.add(transport_));
+    driver_->probe();
+  }
+  NetKernelStart last_start() {
+    std::lock_guard lock(kernel_.mutex);
+    return kernel_.last;
+  }
+
+  FakeKernelState kernel_;
+  int tap_fd_ = -1;
+};
+
+TEST_F(VirtioNetKernelTest, FeaturesAreWhatBothTheDeviceAndTheKernelCanDo) {
+  uint64_t offered = net_->device_features();
+  EXPECT_TRUE(net_->uses_kernel_datapath());
+  // Ring features follow the kernel: no indirect descriptors here, mergeable buffers added.
+  EXPECT_TRUE(offered & kFeatureVersion1);
+  EXPECT_TRUE(offered & kFeatureRingEventIdx);
+  EXPECT_TRUE(offered & kNetFeatureMrgRxbuf);
+  EXPECT_FALSE(offered & kFeatureRingIndirectDesc);
+  // vhost's own bits are never offered to the guest; virtio-net's device bits always are.
+  EXPECT_FALSE(offered & (1ull << 27));
+  EXPECT_FALSE(offered & (1ull << 26));
+  EXPECT_TRUE(offered & kNetFeatureMac);
+  EXPECT_TRUE(offered & kNetFeatureGuestTso4);
+  // The userspace data path cannot merge receive buffers.
+  int pair[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair), 0);
+  UniqueFd peer(pair[1]);
+  std::atomic<uint32_t> offloads{0};
+  VirtioNet userspace(std::make_unique<SocketBackend>(pair[0], offloads), net_->mac(), m_.loop);
+  EXPECT_FALSE(userspace.device_features() & kNetFeatureMrgRxbuf);
+  EXPECT_TRUE(userspace.device_features() & kFeatureRingIndirectDesc);
+}
+
+TEST_F(VirtioNetKernelTest, AKernelWithoutVersion1IsRefused) {
+  FakeKernelState old;
+  old.features = kFeatureRingEventIdx | kNetFeatureMrgRxbuf;
+  int pair[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair), 0);
+  UniqueFd peer(pair[1]);
+  std::atomic<uint32_t> offloads{0};
+  EXPECT_THROW(VirtioNet(std::make_unique<SocketBackend>(pair[0], offloads), net_->mac(), m_.loop,
+                         std::make_unique<FakeKernel>(old)),
+               std::invalid_argument);
+}
+
+TEST_F(VirtioNetKernelTest, DriverOkHandsTheRingsAndTheTapToTheKernel) {
+  bring_up(kFeatureVersion1 | kFeatureRingEventIdx | kNetFeatureMrgRxbuf | kNetFeatureMac |
+           kNetFeatureCsum | kNetFeatureGuestCsum | kNetFeatureGuestTso4);
+  EXPECT_FALSE(driver_->status() & kStatusNeedsReset);
+  NetKernelStart s = last_start();
+  EXPECT_EQ(kernel_.starts, 1);
+  EXPECT_EQ(net_->metrics().kernel_starts, 1u);
+  // Only ring features reach the kernel; the offloads go to the tap.
+  EXPECT_EQ(s.features, kFeatureVersion1 | kFeatureRingEventIdx | kNetFeatureMrgRxbuf);
+  EXPECT_EQ(offloads_, kTunOffloadCsum | kTunOffloadTso4);
+  EXPECT_EQ(s.tap_fd, tap_fd_);
+  EXPECT_EQ(s.memory, &m_.memory);
+  ASSERT_EQ(s.rings.size(), 2u);
+  EXPECT_EQ(s.rings[0].index, kNetReceiveQueue);
+  EXPECT_EQ(s.rings[1].index, kNetTransmitQueue);
+  EXPECT_EQ(s.rings[0].size, 16);
+  EXPECT_EQ(s.rings[0].desc_host, reinterpret_cast<uint64_t>(m_.memory.slice(kRxDesc, 1)->data()));
+  EXPECT_EQ(s.rings[1].avail_host,
+            reinterpret_cast<uint64_t>(m_.memory.slice(kTxDesc + 0x1000, 1)->data()));
+  EXPECT_EQ(s.rings[1].used_host,
+            reinterpret_cast<uint64_t>(m_.memory.slice(kTxDesc + 0x2000, 1)->data()));
+  EXPECT_NE(s.rings[0].kick_fd, s.rings[1].kick_fd);
+  EXPECT_NE(s.rings[0].call_fd, s.rings[1].call_fd);
+
+  // The tap belongs to the kernel now: a frame waiting there is not read by kiln.
+  rx_.add_chain({{kBuffers, 2048, true}}, 0);
+  driver_->notify(kNetReceiveQueue);
+  host_send(bytes("for the kernel"));
+  usleep(50000);
+  EXPECT_EQ(rx_.used_idx(), 0);
+  EXPECT_EQ(net_->metrics().rx_packets, 0u);
+  EXPECT_EQ(net_->metrics().rx_wakeups, 0u);
+}
+
+TEST_F(VirtioNetKernelTest, NotificationsAndInterruptsAreRelayed) {
+  bring_up(kFeatureVersion1 | kFeatureRingEventIdx | kNetFeatureMrgRxbuf);
+  NetKernelStart s = last_start();
+  const KernelRing& rx = s.rings[0];
+  const KernelRing& tx = s.rings[1];
+  // The kernel waits on the transport's notification eventfds themselves (KVM ioeventfds in
+  // kiln): a guest kick reaches it without waking kiln.
+  EXPECT_EQ(rx.kick_fd, transport_->queue_eventfd(kNetReceiveQueue));
+  EXPECT_EQ(tx.kick_fd, transport_->queue_eventfd(kNetTransmitQueue));
+  EXPECT_EQ(net_->metrics().kernel_direct_kicks, 2u);
+  EXPECT_GE(eventfd_count(tx.kick_fd), 1u);  // the kick given at start
+  driver_->notify(kNetTransmitQueue);
+  uint64_t kicked = 0;
+  for (int i = 0; i < 500 && !kicked; ++i, usleep(1000)) kicked = eventfd_count(tx.kick_fd);
+  EXPECT_GE(kicked, 1u);
+  usleep(20000);
+  EXPECT_EQ(net_->metrics().tx_kicks, 0u);  // the loop did not take it
+  // Without an irqfd for the vector (FakeMsiVector has none by default), kiln relays.
+  EXPECT_EQ(net_->metrics().kernel_direct_calls, 0u);
+  int before = driver_->vector(1 + kNetReceiveQueue).triggers;
+  uint64_t one = 1;
+  ASSERT_EQ(::write(rx.call_fd, &one, sizeof(one)), 8);  // the kernel used receive buffers
+  for (int i = 0; i < 500 && driver_->vector(1 + kNetReceiveQueue).triggers == before; ++i)
+    usleep(1000);
+  EXPECT_GT(driver_->vector(1 + kNetReceiveQueue).triggers, before);
+  EXPECT_EQ(net_->metrics().rx_interrupts, 1u);
+}
+
+TEST_F(VirtioNetKernelTest, InterruptsGoStraightToTheVectorsIrqfdWhenItHasOne) {
+  UniqueFd rx_irqfd(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)), tx_irqfd(eventfd(0, EFD_CLOEXEC));
+  // Vector 0 is the config vector; the test driver gives queue q vector 1 + q.
+  m_.msi.vectors.at(1 + kNetReceiveQueue)->direct_fd = rx_irqfd.get();
+  m_.msi.vectors.at(1 + kNetTransmitQueue)->direct_fd = tx_irqfd.get();
+  bring_up(kFeatureVersion1 | kFeatureRingEventIdx);
+  NetKernelStart s = last_start();
+  EXPECT_EQ(s.rings[0].call_fd, rx_irqfd.get());
+  EXPECT_EQ(s.rings[1].call_fd, tx_irqfd.get());
+  EXPECT_EQ(net_->metrics().kernel_direct_calls, 2u);
+  // A masked vector cannot take a direct message: after a reset with MSI-X entries masked by
+  // the driver, kiln relays again (and the MSI-X model keeps the message pending).
+  driver_->set_status(0);
+  driver_->mask_vector(1 + kNetTransmitQueue, true);
+  bring_up(kFeatureVersion1 | kFeatureRingEventIdx);
+  s = last_start();
+  EXPECT_EQ(s.rings[0].call_fd, rx_irqfd.get());
+  EXPECT_NE(s.rings[1].call_fd, tx_irqfd.get());
+}
+
+TEST_F(VirtioNetKernelTest, PauseWritesTheKernelsPositionsIntoTheQueuesAndResumeContinues) {
+  bring_up(kFeatureVersion1 | kFeatureRingEventIdx | kNetFeatureMrgRxbuf);
+  // The kernel took 3 receive and 5 transmit buffers and used them all.
+  kernel_.stop_positions = {3, 5};
+  ASSERT_TRUE(m_.memory.write_obj(kRxDesc + 0x2000 + 2, uint16_t(3)));  // used->idx
+  ASSERT_TRUE(m_.memory.write_obj(kTxDesc + 0x2000 + 2, uint16_t(5)));
+  net_->pause();
+  EXPECT_EQ(kernel_.stops, 1);
+  VirtioPciState state = transport_->save();
+  EXPECT_EQ(state.queues[kNetReceiveQueue].next_avail, 3);
+  EXPECT_EQ(state.queues[kNetReceiveQueue].next_used, 3);
+  EXPECT_EQ(state.queues[kNetTransmitQueue].next_avail, 5);
+  EXPECT_EQ(state.queues[kNetTransmitQueue].next_used, 5);
+  net_->pause();  // idempotent
+  EXPECT_EQ(kernel_.stops, 1);
+  net_->resume();
+  NetKernelStart s = last_start();
+  EXPECT_EQ(kernel_.starts, 2);
+  EXPECT_EQ(s.rings[0].next_avail, 3);
+  EXPECT_EQ(s.rings[1].next_avail, 5);
+}
+
+TEST_F(VirtioNetKernelTest, ResetStopsTheKernelAndAReturningDriverStartsAfresh) {
+  bring_up(kFeatureVersion1 | kFeatureRingEventIdx | kNetFeatureMrgRxbuf | kNetFeatureGuestCsum);
+  driver_->set_status(0);  // guest reboot
+  EXPECT_EQ(kernel_.stops, 1);
+  EXPECT_EQ(offloads_, 0u);
+  bring_up(kFeatureVersion1);
+  EXPECT_EQ(kernel_.starts, 2);
+  NetKernelStart s = last_start();
+  EXPECT_EQ(s.features, kFeatureVersion1);
+  EXPECT_EQ(s.rings[0].next_avail, 0);
+}
+
+TEST_F(VirtioNetKernelTest, AKernelThatCannotStartMeansNeedsReset) {
+  kernel_.fail_start = true;
+  ASSERT_TRUE(driver_->negotiate(kFeatureVersion1));
+  driver_->setup_queue(kNetReceiveQueue, rx_);
+  driver_->setup_queue(kNetTransmitQueue, tx_);
+  driver_->driver_ok();
+  EXPECT_TRUE(driver_->status() & kStatusNeedsReset);
+  EXPECT_EQ(net_->metrics().kernel_starts, 0u);
 }
 
 TEST(TapTest, BadNamesAndMissingDevicesAreClearErrors) {

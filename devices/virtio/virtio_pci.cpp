@@ -69,7 +69,9 @@ VirtioPciDevice::VirtioPciDevice(std::shared_ptr<VirtioDevice> device,
   for (uint16_t q = 0; q < count; ++q) {
     queues_.emplace_back(device_->queue_max_size(q));
     queue_eventfds_.push_back(make_eventfd());
+    notify_fds_.push_back(queue_eventfds_.back().get());
   }
+  watched_.assign(count, false);
   queue_vectors_ = std::make_unique<std::atomic<uint16_t>[]>(count);
   for (uint16_t q = 0; q < count; ++q) queue_vectors_[q] = kNoVector;
   add_bar(kVirtioBar, pci::BarInfo{pci::BarType::kMemory64, kVirtioBarSize, false});
@@ -344,7 +346,7 @@ void VirtioPciDevice::activate_locked() {
       return;
     }
   }
-  VirtioActivation activation{&memory_, queues_, this, acked};
+  VirtioActivation activation{&memory_, queues_, this, acked, notify_fds_};
   if (!device_->activate(activation)) {
     needs_reset("device refused activation");
     return;
@@ -355,7 +357,8 @@ void VirtioPciDevice::activate_locked() {
 void VirtioPciDevice::watch_queues_locked() {
   activated_ = true;
   for (uint16_t q = 0; q < queues_.size(); ++q) {
-    if (!queues_[q].ready()) continue;
+    if (!queues_[q].ready() || device_->handles_notifications(q)) continue;
+    watched_[q] = true;
     int fd = queue_eventfds_[q].get();
     // A notification that arrived before DRIVER_OK is not lost: the fd is still signalled.
     loop_.add(fd, [device = device_.get(), fd, q](uint32_t) {
@@ -368,7 +371,8 @@ void VirtioPciDevice::watch_queues_locked() {
 void VirtioPciDevice::deactivate_locked() {
   if (!activated_) return;
   for (uint16_t q = 0; q < queues_.size(); ++q) {
-    if (queues_[q].ready()) loop_.remove(queue_eventfds_[q].get());
+    if (watched_[q]) loop_.remove(queue_eventfds_[q].get());
+    watched_[q] = false;
   }
   device_->reset();
   activated_ = false;
@@ -398,6 +402,12 @@ void VirtioPciDevice::signal_queue(uint16_t queue) {
   metrics_.queue_interrupts++;
   uint16_t vector = queue_vectors_[queue].load();
   if (vector != kNoVector) msix_.trigger(vector);
+}
+
+int VirtioPciDevice::queue_irqfd(uint16_t queue) {
+  if (queue >= queues_.size()) return -1;
+  uint16_t vector = queue_vectors_[queue].load();
+  return vector == kNoVector ? -1 : msix_.direct_eventfd(vector);
 }
 
 void VirtioPciDevice::signal_config_change() {
@@ -463,7 +473,7 @@ std::vector<pci::BarChange> VirtioPciDevice::restore(const VirtioPciState& state
   status_ = state.status;
   if ((state.status & kStatusDriverOk) && !(state.status & kStatusNeedsReset)) {
     // Re-attach the device to the restored rings; ring positions come from the snapshot.
-    VirtioActivation activation{&memory_, queues_, this, driver_features_};
+    VirtioActivation activation{&memory_, queues_, this, driver_features_, notify_fds_};
     if (!device_->activate(activation)) throw std::runtime_error("device refused restored state");
     watch_queues_locked();
   }

@@ -129,6 +129,7 @@ class VirtioPciDevice : public pci::PciDevice, private VirtioInterrupt {
   void signal_queue(uint16_t queue) override;
   void signal_config_change() override;
   void needs_reset(const std::string& why) override;
+  int queue_irqfd(uint16_t queue) override;
 
   // PciDevice hooks
   void config_written(uint32_t offset, size_t size) override;
@@ -158,6 +159,7 @@ class VirtioPciDevice : public pci::PciDevice, private VirtioInterrupt {
   uint32_t msix_capability_ = 0;
   uint32_t pci_cfg_capability_ = 0;
   std::vector<UniqueFd> queue_eventfds_;
+  std::vector<int> notify_fds_;  // queue_eventfds_' numbers, for VirtioActivation
 
   // Guards the common configuration state below. Lock order: this, then the device's own
   // locks, then the MSI-X lock. Never taken from the device's callbacks.
@@ -168,6 +170,7 @@ class VirtioPciDevice : public pci::PciDevice, private VirtioInterrupt {
   uint64_t driver_features_ = 0;
   uint16_t queue_select_ = 0;
   bool activated_ = false;
+  std::vector<bool> watched_;  // queues whose eventfd the loop watches while activated
 
   // Read by interrupt paths on other threads without the lock.
   std::atomic<uint8_t> status_{0};

@@ -20,12 +20,6 @@ void signal_eventfd(int fd) {
   [[maybe_unused]] ssize_t n = ::write(fd, &one, sizeof(one));
 }
 
-// Host address of a ring part that Queue::activate already placed inside guest memory.
-uint64_t host_address(const memory::GuestMemory& memory, uint64_t gpa, uint64_t len) {
-  auto slice = memory.slice(gpa, len);
-  return slice ? reinterpret_cast<uint64_t>(slice->data()) : 0;
-}
-
 }  // namespace
 
 VirtioVsock::VirtioVsock(uint64_t guest_cid, std::unique_ptr<VsockBackend> backend, EventLoop& loop)
@@ -64,17 +58,9 @@ bool VirtioVsock::activate(const VirtioActivation& activation) {
       log_.warn("virtio-vsock: the driver did not enable the rx and tx queues");
       return false;
     }
-    VsockRing ring;
-    ring.index = q;
-    ring.size = queue.size();
-    ring.next_avail = queue.next_avail();
-    ring.desc_host = host_address(memory, queue.desc_table(), 16ull * queue.size());
-    ring.avail_host = host_address(memory, queue.avail_ring(), 6 + 2ull * queue.size());
-    ring.used_host = host_address(memory, queue.used_ring(), 6 + 8ull * queue.size());
-    if (!ring.desc_host || !ring.avail_host || !ring.used_host) return false;
-    ring.kick_fd = kick_[q].get();
-    ring.call_fd = call_[q].get();
-    start.rings.push_back(ring);
+    auto ring = describe_kernel_ring(queue, q, memory, kick_[q].get(), call_[q].get());
+    if (!ring) return false;
+    start.rings.push_back(*ring);
   }
   // The back-end's "call" means used buffers: raise the queue's interrupt. No device lock in
   // the callback: reset() removes these watches while holding it.

@@ -13,6 +13,7 @@
 
 #include "base/event_loop.h"
 #include "base/unique_fd.h"
+#include "devices/virtio/kernel_ring.h"
 #include "devices/virtio/rate_limited_log.h"
 #include "devices/virtio/virtio_device.h"
 
@@ -24,16 +25,7 @@ inline constexpr uint16_t kVsockTxQueue = 1;
 inline constexpr uint16_t kVsockEventQueue = 2;
 inline constexpr uint32_t kVsockConfigSize = 8;  // le64 guest_cid
 
-// One ring as the back-end needs it: size, where to start, host addresses of its parts, and
-// the eventfds for notifications (kick: device -> back-end, call: back-end -> device).
-struct VsockRing {
-  uint16_t index = 0;
-  uint16_t size = 0;
-  uint16_t next_avail = 0;
-  uint64_t desc_host = 0, avail_host = 0, used_host = 0;
-  int kick_fd = -1;
-  int call_fd = -1;
-};
+using VsockRing = KernelRing;
 
 struct VsockStart {
   uint64_t features = 0;  // negotiated with the driver
