@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""virtio benchmark: the same guest (the project's Debian kernel + the fixture initramfs carrying fio
+and iperf3) on the same backing file and the same tap, under kiln and under QEMU (`-accel kvm`,
+virtio-blk-pci and virtio-net-pci, same vCPUs and memory), in one run (inside tools/kvm-sandbox on
+hosts without KVM). Each boot runs, inside the guest:
+  fio on /dev/vda (direct=1, libaio, iodepth 32, time-based, page cache dropped before each job):
+      1 MiB sequential write, 1 MiB sequential read, 4 KiB random read
+  iperf3 -c against `iperf3 -s` on the tap's host address: guest->host, then -R (host->guest)
+and prints the medians side by side with their ratio.
+
+  tools/kvm-sandbox -w build/bench -m 3072 -t 1200 -- python3 bench/virtio_bench.py
+
+The backing file lives in the harness's /tmp (tmpfs: no O_DIRECT there, so both VMMs use the host
+page cache, cache=writeback); --disk-dir puts it elsewhere. kiln's and QEMU's net options are
+--kiln-net / --qemu-netdev templates ({tap} and {mac} are filled in), e.g.
+--kiln-net 'tap={tap},mac={mac},vhost=on' once kiln has a vhost-net backend.
+"""
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "../tests/support"))
+import kiln_guest as kg  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD_INITRAMFS = os.path.join(HERE, "../tests/guest/build-initramfs")
+TOOLS_INITRAMFS = os.path.join(kg.BUILD_DIR, "guest/initramfs-bench.cpio")
+TAP = "kilnbench0"
+MAC = "52:54:00:4b:42:01"
+HOST_IP = "10.0.3.1"
+GUEST_IP = "10.0.3.15"
+IPERF_PORT = 5201
+DONE = "virtio-bench: done"
+
+# name, fio rw, block size, what the table shows
+FIO_JOBS = (("seqwrite", "write", "1M", "bw"),
+            ("seqread", "read", "1M", "bw"),
+            ("randread", "randread", "4k", "iops"))
+ROWS = (("seqread", "seq read 1 MiB (MiB/s)"),
+        ("seqwrite", "seq write 1 MiB (MiB/s)"),
+        ("randread", "rand read 4 KiB (kIOPS)"),
+        ("tcp-tx", "TCP guest->host (Mbit/s)"),
+        ("tcp-rx", "TCP host->guest (Mbit/s)"))
+
+
+def guest_script(args):
+    """The shell script the guest's init runs: network up, the fio jobs, the iperf3 runs. Kept
+    short: it travels base64-encoded on the kernel command line (2 KiB at most on x86)."""
+    fio = (f"fio --filename=/dev/vda --direct=1 --ioengine={args.ioengine} --iodepth={args.iodepth}"
+           f" --time_based --runtime={args.fio_runtime} --ramp_time=1 --size={args.disk_mib}M"
+           " --output-format=terse --terse-version=3")
+    iperf = f"iperf3 -c {HOST_IP} -p {IPERF_PORT} -t {args.iperf_time} -f m --connect-timeout 10000"
+    lines = [f"ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 || echo bench-error=net",
+             # run NAME KIND CMD...: its exit status and its output, each line tagged.
+             'r() { n=$1 k=$2; shift 2; "$@" > /tmp/o 2>&1; echo $k-rc $n $?; '
+             'sed "s/^/$k-out $n /" /tmp/o; }', f'F="{fio}"', f'I="{iperf}"']
+    for name, rw, bs, _ in FIO_JOBS:
+        lines.append("sync; echo 3 > /proc/sys/vm/drop_caches")
+        lines.append(f"r {name} fio $F --name={name} --rw={rw} --bs={bs}")
+    for name, flag in (("tcp-tx", ""), ("tcp-rx", " -R")):
+        lines.append(f"r {name} iperf $I{flag}")
+    lines.append(f"echo '{DONE}'")
+    return "\n".join(lines) + "\n"
+
+
+def parse_results(console):
+    """{row: value} from the guest's console: fio terse v3 lines and iperf3's receiver lines."""
+    results = {}
+    for name, _, _, kind in FIO_JOBS:
+        match = re.search(rf"^fio-out {name} (3;fio-.*)$", console, re.M)
+        if not match:
+            raise RuntimeError(f"no fio result for {name}; console:\n{console[-3000:]}")
+        fields = match.group(1).split(";")
+        # terse v3: read bw KiB/s and IOPS are fields 6 and 7, write's 47 and 48.
+        bw_kib, iops = (fields[47], fields[48]) if name == "seqwrite" else (fields[6], fields[7])
+        results[name] = float(bw_kib) / 1024 if kind == "bw" else float(iops) / 1000
+    for name in ("tcp-tx", "tcp-rx"):
+        match = re.search(rf"^iperf-out {name} .* ([0-9.]+) Mbits/sec.*receiver$", console, re.M)
+        if not match:
+            raise RuntimeError(f"no iperf3 result for {name}; console:\n{console[-3000:]}")
+        results[name] = float(match.group(1))
+    return results
+
+
+def vmm_cpu_seconds(pid):
+    """User + system CPU time the VMM process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(name, argv, timeout, verbose):
+    if verbose:
+        print(f"{name}: " + " ".join(a if len(a) < 200 else a[:80] + "..." for a in argv), flush=True)
+    started = time.monotonic()
+    run = kg.Run(argv)
+    try:
+        run.wait_for(DONE, timeout)
+        cpu = vmm_cpu_seconds(run.proc.pid)
+        rc = run.wait(120)
+    finally:
+        if run.proc.poll() is None:
+            run.kill()
+    console = run.console()
+    if rc != 0:
+        raise RuntimeError(f"{name} exited {rc}; stderr:\n{run.stderr[-3000:]}")
+    for line in console.splitlines():
+        if re.match(r"^(fio|iperf)-rc \S+ [1-9]", line) or "bench-error" in line:
+            raise RuntimeError(f"{name}: guest step failed: {line}; console:\n{console[-4000:]}")
+    if verbose:
+        print("\n".join(line for line in console.splitlines()
+                        if line.startswith("iperf-out") or "fio-rc" in line))
+        for line in run.stderr.splitlines():
+            if "virtio" in line:
+                print(f"{name} stderr: {line}")
+    results = parse_results(console)
+    print(f"{name}: " + " ".join(f"{k}={v:.2f}" for k, v in results.items())
+          + f" (wall {time.monotonic() - started:.0f} s, VMM cpu {cpu:.1f} s)", flush=True)
+    return results
+
+
+def ensure_initramfs(args, work):
+    """The fixture initramfs with fio and iperf3: the build's one, else built here."""
+    if args.initramfs:
+        source = args.initramfs
+    elif os.path.exists(TOOLS_INITRAMFS):
+        source = TOOLS_INITRAMFS
+    else:
+        source = os.path.join(work, "initramfs-bench.cpio")
+        print(f"building {source}", flush=True)
+        subprocess.run([BUILD_INITRAMFS, "--tools", "fio iperf3", source], check=True)
+    # Read once from tmpfs: the harness's / is 9p, slow for ~90 MB per boot.
+    local = os.path.join(work, "initramfs.cpio")
+    if os.path.abspath(source) != local:
+        shutil.copyfile(source, local)
+    return local
+
+
+def make_disk(args, work):
+    path = os.path.join(args.disk_dir or work, "disk.raw")
+    with open(path, "wb") as f:
+        f.truncate(args.disk_mib << 20)
+    # Allocated up front so that reads hit real pages (a hole reads as zeroes, for free).
+    subprocess.run(["fallocate", "-l", f"{args.disk_mib}M", path], check=True)
+    return path
+
+
+def setup_tap():
+    subprocess.run(["ip", "link", "del", TAP], stderr=subprocess.DEVNULL)
+    for cmd in (["tuntap", "add", "dev", TAP, "mode", "tap"],
+                ["addr", "add", f"{HOST_IP}/24", "dev", TAP], ["link", "set", TAP, "up"]):
+        subprocess.run(["ip", *cmd], check=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-n", type=int, default=1, help="boots per VMM (medians are shown)")
+    parser.add_argument("--memory", default="1024", help="guest RAM in MiB")
+    parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--disk-mib", type=int, default=256)
+    parser.add_argument("--disk-dir", help="where the backing file goes (default: a tmpfs dir)")
+    parser.add_argument("--cache", default="writeback", help="kiln's and QEMU's cache mode")
+    parser.add_argument("--ioengine", default="libaio")
+    parser.add_argument("--iodepth", type=int, default=32)
+    parser.add_argument("--fio-runtime", type=int, default=10)
+    parser.add_argument("--iperf-time", type=int, default=10)
+    parser.add_argument("--initramfs", help="a fixture initramfs built with --tools 'fio iperf3'")
+    parser.add_argument("--kiln-net", default="tap={tap},mac={mac}", help="kiln --net template")
+    parser.add_argument("--kiln-disk", default="path={path},cache={cache}", help="kiln --disk template")
+    parser.add_argument("--qemu-machine", default="q35")
+    parser.add_argument("--qemu-netdev", default="tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off")
+    parser.add_argument("--qemu-drive",
+                        default="file={path},if=none,id=d0,format=raw,cache={cache},aio=threads")
+    parser.add_argument("--only", choices=("kiln", "qemu"), help="run one VMM only")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+
+    work = "/tmp/virtio-bench"
+    os.makedirs(work, exist_ok=True)
+    initramfs = ensure_initramfs(args, work)
+    disk = make_disk(args, work)
+    setup_tap()
+    server = subprocess.Popen(["iperf3", "-s", "-B", HOST_IP, "-p", str(IPERF_PORT)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kernel = kg.guest_kernel()
+    cmdline = kg.script_cmdline(guest_script(args), "loglevel=3")
+    memory = f"{args.memory}M" if args.memory.isdigit() else args.memory
+    fill = {"tap": TAP, "mac": MAC, "path": disk, "cache": args.cache}
+    kiln = [kg.KILN, "--kernel", kernel, "--initramfs", initramfs, "--memory", memory,
+            "--cpus", str(args.cpus), "--serial", "stdio", "--cmdline", cmdline,
+            "--disk", args.kiln_disk.format(**fill), "--net", args.kiln_net.format(**fill)]
+    qemu = ["qemu-system-x86_64", "-accel", "kvm", "-M", args.qemu_machine, "-cpu", "host",
+            "-smp", str(args.cpus), "-m", memory, "-nodefaults", "-no-user-config", "-nographic",
+            "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initramfs,
+            "-append", cmdline, "-drive", args.qemu_drive.format(**fill),
+            "-device", "virtio-blk-pci,drive=d0",
+            "-netdev", args.qemu_netdev.format(**fill), "-device", f"virtio-net-pci,netdev=n0,mac={MAC}"]
+    vmms = [(name, argv) for name, argv in (("kiln", kiln), ("qemu", qemu))
+            if args.only in (None, name)]
+    timeout = 240 + 3 * (args.fio_runtime + 30) + 2 * (args.iperf_time + 30)
+    results = {name: [] for name, _ in vmms}
+    try:
+        for _ in range(args.n):
+            for name, argv in vmms:
+                subprocess.run(["ip", "neigh", "flush", "dev", TAP], check=False)
+                results[name].append(measure(name, argv, timeout, args.verbose))
+    finally:
+        server.terminate()
+        server.wait()
+        subprocess.run(["ip", "link", "del", TAP], stderr=subprocess.DEVNULL)
+        os.unlink(disk)
+
+    print(f"\nmedians of {args.n} boot(s) per VMM; {args.cpus} vCPU, {memory} RAM, "
+          f"{args.disk_mib} MiB raw file (cache={args.cache}), fio {args.ioengine} "
+          f"iodepth={args.iodepth} {args.fio_runtime} s/job, iperf3 {args.iperf_time} s")
+    names = [name for name, _ in vmms]
+    print(f"{'':28}" + "".join(f"{n:>10}" for n in names) + ("  kiln/QEMU" if len(names) == 2 else ""))
+    for key, label in ROWS:
+        values = [statistics.median(r[key] for r in results[n]) for n in names]
+        line = f"{label:28}" + "".join(f"{v:10.2f}" for v in values)
+        if len(values) == 2:
+            line += f"  {values[0] / values[1]:9.2f}" if values[1] else "        nan"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
