@@ -43,7 +43,7 @@ FIO_JOBS = (("seqwrite", "write", "1M", "bw"),
             ("randread", "randread", "4k", "iops"))
 ROWS = (("seqread", "seq read 1 MiB (MiB/s)"),
         ("seqwrite", "seq write 1 MiB (MiB/s)"),
-        ("randread", "rand read 4 KiB (kIOPS)"),
+        ("randread", "rand read 4 KiB (IOPS)"),
         ("tcp-tx", "TCP guest->host (Mbit/s)"),
         ("tcp-rx", "TCP host->guest (Mbit/s)"))
 
@@ -58,7 +58,9 @@ def guest_script(args):
     lines = [f"ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 || echo bench-error=net",
              # run NAME KIND CMD...: its exit status and its output, each line tagged.
              'r() { n=$1 k=$2; shift 2; "$@" > /tmp/o 2>&1; echo $k-rc $n $?; '
-             'sed "s/^/$k-out $n /" /tmp/o; }', f'F="{fio}"', f'I="{iperf}"']
+             'sed "s/^/$k-out $n /" /tmp/o; grep virtio /proc/interrupts | sed "s/^/irq-out $n /"; }',
+             f'F="{fio}"', f'I="{iperf}"',
+             'grep virtio /proc/interrupts | sed "s/^/irq-out go /"; echo bench-go']
     for name, rw, bs, _ in FIO_JOBS:
         lines.append("sync; echo 3 > /proc/sys/vm/drop_caches")
         lines.append(f"r {name} fio $F --name={name} --rw={rw} --bs={bs}")
@@ -78,7 +80,7 @@ def parse_results(console):
         fields = match.group(1).split(";")
         # terse v3: read bw KiB/s and IOPS are fields 6 and 7, write's 47 and 48.
         bw_kib, iops = (fields[47], fields[48]) if name == "seqwrite" else (fields[6], fields[7])
-        results[name] = float(bw_kib) / 1024 if kind == "bw" else float(iops) / 1000
+        results[name] = float(bw_kib) / 1024 if kind == "bw" else float(iops)
     for name in ("tcp-tx", "tcp-rx"):
         match = re.search(rf"^iperf-out {name} .* ([0-9.]+) Mbits/sec.*receiver$", console, re.M)
         if not match:
@@ -94,12 +96,72 @@ def vmm_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+KVM_DEBUGFS = "/sys/kernel/debug/kvm"
+KVM_STATS = ("exits", "io_exits", "mmio_exits", "irq_injections", "halt_exits", "irq_exits")
+
+
+def kvm_stats():
+    """This host's KVM counters, summed over its VMs (one runs at a time); {} without debugfs."""
+    stats = {}
+    for key in KVM_STATS:
+        try:
+            with open(os.path.join(KVM_DEBUGFS, key)) as f:
+                stats[key] = int(f.read())
+        except OSError:
+            pass
+    return stats
+
+
+def guest_interrupts(console, phase):
+    """Interrupts the guest took per virtio vector during `phase` ({vector name: count})."""
+    counts = {}
+    for line in console.splitlines():
+        if not line.startswith(f"irq-out {phase} "):
+            continue
+        fields = line.split()[3:]  # "irq-out PHASE N: count... chip... name"
+        numbers = [int(f) for f in fields[:-1] if f.isdigit()]
+        counts[fields[-1]] = sum(numbers)
+    return counts
+
+
+# Console lines that end each phase of the guest script (after "bench-go").
+PHASES = [name for name, _, _, _ in FIO_JOBS] + ["tcp-tx", "tcp-rx"]
+
+
+def phase_marker(phase):
+    return f"{'iperf' if phase.startswith('tcp') else 'fio'}-rc {phase} "
+
+
+def snapshot(run):
+    return {"cpu": vmm_cpu_seconds(run.proc.pid), **kvm_stats()}
+
+
+def print_phase_costs(name, snaps, console, results):
+    """What each phase cost: the VMM's CPU time, the host KVM's exits and injected interrupts and
+    the guest's virtio interrupts, per operation (an I/O for fio, a MiB for iperf3)."""
+    print(f"{name} per-phase costs (VMM cpu in ms, KVM counters and guest virtio irqs):")
+    before = guest_interrupts(console, "go")
+    for phase, (start, end) in zip(PHASES, zip(snaps, snaps[1:])):
+        irqs = guest_interrupts(console, phase)
+        delta = {k: end[k] - start.get(k, 0) for k in end}
+        guest = {k: v - before.get(k, 0) for k, v in irqs.items() if v - before.get(k, 0)}
+        before = irqs
+        print(f"  {phase:9} " + " ".join(
+            f"{k}={v * 1000:.0f}" if k == "cpu" else f"{k}={v}" for k, v in delta.items())
+            + " guest-irqs: " + " ".join(f"{k}={v}" for k, v in guest.items()))
+
+
 def measure(name, argv, timeout, verbose):
     if verbose:
         print(f"{name}: " + " ".join(a if len(a) < 200 else a[:80] + "..." for a in argv), flush=True)
     started = time.monotonic()
     run = kg.Run(argv)
     try:
+        run.wait_for("bench-go", timeout)
+        snaps = [snapshot(run)]
+        for phase in PHASES:
+            run.wait_for(phase_marker(phase), timeout)
+            snaps.append(snapshot(run))
         run.wait_for(DONE, timeout)
         cpu = vmm_cpu_seconds(run.proc.pid)
         rc = run.wait(120)
@@ -112,13 +174,14 @@ def measure(name, argv, timeout, verbose):
     for line in console.splitlines():
         if re.match(r"^(fio|iperf)-rc \S+ [1-9]", line) or "bench-error" in line:
             raise RuntimeError(f"{name}: guest step failed: {line}; console:\n{console[-4000:]}")
+    results = parse_results(console)
     if verbose:
         print("\n".join(line for line in console.splitlines()
-                        if line.startswith("iperf-out") or "fio-rc" in line))
+                        if re.match(r"^iperf-out .*(sender|receiver)$", line)))
         for line in run.stderr.splitlines():
             if "virtio" in line:
                 print(f"{name} stderr: {line}")
-    results = parse_results(console)
+        print_phase_costs(name, snaps, console, results)
     print(f"{name}: " + " ".join(f"{k}={v:.2f}" for k, v in results.items())
           + f" (wall {time.monotonic() - started:.0f} s, VMM cpu {cpu:.1f} s)", flush=True)
     return results
@@ -185,6 +248,10 @@ def main():
     initramfs = ensure_initramfs(args, work)
     disk = make_disk(args, work)
     setup_tap()
+    if args.verbose and not os.path.isdir(KVM_DEBUGFS):
+        # For the per-phase KVM counters; the harness's machine does not mount debugfs itself.
+        subprocess.run(["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"],
+                       stderr=subprocess.DEVNULL, check=False)
     server = subprocess.Popen(["iperf3", "-s", "-B", HOST_IP, "-p", str(IPERF_PORT)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kernel = kg.guest_kernel()
