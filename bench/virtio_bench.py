@@ -132,26 +132,61 @@ def phase_marker(phase):
     return f"{'iperf' if phase.startswith('tcp') else 'fio'}-rc {phase} "
 
 
+def thread_cpu_ms(pid):
+    """CPU time per thread name of the VMM (io_uring's iou-wrk-N workers and the like summed)."""
+    per_name = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue  # the thread has ended
+        comm = re.sub(r"-?[0-9]+$", "", text[text.index("(") + 1:text.rindex(")")]) or "?"
+        fields = text.rsplit(")", 1)[1].split()
+        ms = (int(fields[11]) + int(fields[12])) * 1000 // os.sysconf("SC_CLK_TCK")
+        per_name[comm] = per_name.get(comm, 0) + ms
+    return per_name
+
+
 def snapshot(run):
-    return {"cpu": vmm_cpu_seconds(run.proc.pid), **kvm_stats()}
+    return {"t": time.monotonic(), "cpu": vmm_cpu_seconds(run.proc.pid), **kvm_stats(),
+            "threads": thread_cpu_ms(run.proc.pid)}
 
 
 def print_phase_costs(name, snaps, console, results):
     """What each phase cost: the VMM's CPU time, the host KVM's exits and injected interrupts and
     the guest's virtio interrupts, per operation (an I/O for fio, a MiB for iperf3)."""
-    print(f"{name} per-phase costs (VMM cpu in ms, KVM counters and guest virtio irqs):")
+    print(f"{name} per-phase costs (t: phase wall time in ms, VMM cpu in ms, KVM counters and guest virtio irqs):")
     before = guest_interrupts(console, "go")
     for phase, (start, end) in zip(PHASES, zip(snaps, snaps[1:])):
         irqs = guest_interrupts(console, phase)
-        delta = {k: end[k] - start.get(k, 0) for k in end}
+        delta = {k: end[k] - start.get(k, 0) for k in end if k != "threads"}
+        threads = {k: v - start["threads"].get(k, 0) for k, v in end["threads"].items()}
         guest = {k: v - before.get(k, 0) for k, v in irqs.items() if v - before.get(k, 0)}
         before = irqs
         print(f"  {phase:9} " + " ".join(
-            f"{k}={v * 1000:.0f}" if k == "cpu" else f"{k}={v}" for k, v in delta.items())
-            + " guest-irqs: " + " ".join(f"{k}={v}" for k, v in guest.items()))
+            f"{k}={v * 1000:.0f}" if k in ("cpu", "t") else f"{k}={v}" for k, v in delta.items())
+            + " guest-irqs: " + " ".join(f"{k}={v}" for k, v in guest.items())
+            + "\n            threads(ms): " + " ".join(f"'{k}'={v}" for k, v in threads.items() if v))
 
 
-def measure(name, argv, timeout, verbose):
+def start_perf(name, phase, seconds):
+    """A system-wide CPU profile (cpu-clock: the emulated machine has no PMU) of the phase."""
+    data = f"/tmp/virtio-bench/perf-{name}-{phase}.data"
+    return data, subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-a", "-g", "-o", data,
+                                   "--", "sleep", str(seconds)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def report_perf(name, data):
+    out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
+                          "--sort", "comm,dso,sym", "-g", "none", "--percent-limit", "0.7"],
+                         capture_output=True, text=True).stdout
+    print(f"{name} profile:")
+    print("\n".join(line for line in out.splitlines() if line.strip() and not line.startswith("#")))
+
+
+def measure(name, argv, timeout, verbose, perf_phase=None, perf_seconds=8):
     if verbose:
         print(f"{name}: " + " ".join(a if len(a) < 200 else a[:80] + "..." for a in argv), flush=True)
     started = time.monotonic()
@@ -159,7 +194,11 @@ def measure(name, argv, timeout, verbose):
     try:
         run.wait_for("bench-go", timeout)
         snaps = [snapshot(run)]
+        perf = None
         for phase in PHASES:
+            if phase == perf_phase:
+                time.sleep(3)  # past the cache drop and fio's start
+                perf = start_perf(name, phase, perf_seconds)
             run.wait_for(phase_marker(phase), timeout)
             snaps.append(snapshot(run))
         run.wait_for(DONE, timeout)
@@ -182,6 +221,9 @@ def measure(name, argv, timeout, verbose):
             if "virtio" in line:
                 print(f"{name} stderr: {line}")
         print_phase_costs(name, snaps, console, results)
+    if perf:
+        perf[1].wait()
+        report_perf(name, perf[0])
     print(f"{name}: " + " ".join(f"{k}={v:.2f}" for k, v in results.items())
           + f" (wall {time.monotonic() - started:.0f} s, VMM cpu {cpu:.1f} s)", flush=True)
     return results
@@ -240,7 +282,9 @@ def main():
     parser.add_argument("--qemu-drive",
                         default="file={path},if=none,id=d0,format=raw,cache={cache},aio=threads")
     parser.add_argument("--only", choices=("kiln", "qemu"), help="run one VMM only")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="per-phase costs (VMM and thread CPU, KVM exits, guest interrupts)")
+    parser.add_argument("--perf", choices=PHASES, help="profile this phase with perf (whole host)")
     args = parser.parse_args()
 
     work = "/tmp/virtio-bench"
@@ -248,6 +292,8 @@ def main():
     initramfs = ensure_initramfs(args, work)
     disk = make_disk(args, work)
     setup_tap()
+    if args.verbose:
+        os.environ["KILN_LOG"] = "debug"  # kiln reports its devices' counters at exit
     if args.verbose and not os.path.isdir(KVM_DEBUGFS):
         # For the per-phase KVM counters; the harness's machine does not mount debugfs itself.
         subprocess.run(["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"],
@@ -275,7 +321,8 @@ def main():
         for _ in range(args.n):
             for name, argv in vmms:
                 subprocess.run(["ip", "neigh", "flush", "dev", TAP], check=False)
-                results[name].append(measure(name, argv, timeout, args.verbose))
+                results[name].append(measure(name, argv, timeout, args.verbose, args.perf,
+                                             min(8, args.fio_runtime)))
     finally:
         server.terminate()
         server.wait()
