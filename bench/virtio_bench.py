@@ -60,7 +60,11 @@ def guest_script(args):
              'r() { n=$1 k=$2; shift 2; "$@" > /tmp/o 2>&1; echo $k-rc $n $?; '
              'sed "s/^/$k-out $n /" /tmp/o; grep virtio /proc/interrupts | sed "s/^/irq-out $n /"; }',
              f'F="{fio}"', f'I="{iperf}"',
-             'grep virtio /proc/interrupts | sed "s/^/irq-out go /"; echo bench-go']
+             'grep virtio /proc/interrupts | sed "s/^/irq-out go /"',
+             # What the guest negotiated, to compare the VMMs' devices (-v prints it).
+             "for d in /sys/bus/virtio/devices/*; do echo feat $(cat $d/device) $(cat $d/features); done",
+             "cd /sys/block/vda/queue && echo blkq $(cat max_sectors_kb max_segments nr_requests); cd /",
+             "echo bench-go"]
     for name, rw, bs, _ in FIO_JOBS:
         lines.append("sync; echo 3 > /proc/sys/vm/drop_caches")
         lines.append(f"r {name} fio $F --name={name} --rw={rw} --bs={bs}")
@@ -180,7 +184,7 @@ def start_perf(name, phase, seconds):
 
 def report_perf(name, data):
     out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
-                          "--sort", "comm,dso,sym", "-g", "none", "--percent-limit", "0.7"],
+                          "--sort", "comm,dso", "-g", "none", "--percent-limit", "1"],
                          capture_output=True, text=True).stdout
     print(f"{name} profile:")
     print("\n".join(line for line in out.splitlines() if line.strip() and not line.startswith("#")))
@@ -216,7 +220,7 @@ def measure(name, argv, timeout, verbose, perf_phase=None, perf_seconds=8):
     results = parse_results(console)
     if verbose:
         print("\n".join(line for line in console.splitlines()
-                        if re.match(r"^iperf-out .*(sender|receiver)$", line)))
+                        if re.match(r"^(iperf-out .*(sender|receiver)|feat |blkq )", line)))
         for line in run.stderr.splitlines():
             if "virtio" in line:
                 print(f"{name} stderr: {line}")
@@ -307,7 +311,7 @@ def main():
     kiln = [kg.KILN, "--kernel", kernel, "--initramfs", initramfs, "--memory", memory,
             "--cpus", str(args.cpus), "--serial", "stdio", "--cmdline", cmdline,
             "--disk", args.kiln_disk.format(**fill), "--net", args.kiln_net.format(**fill)]
-    qemu = ["qemu-system-x86_64", "-accel", "kvm", "-M", args.qemu_machine, "-cpu", "host",
+    qemu = ["qemu-system-x86_64", "-name", "bench,debug-threads=on", "-accel", "kvm", "-M", args.qemu_machine, "-cpu", "host",
             "-smp", str(args.cpus), "-m", memory, "-nodefaults", "-no-user-config", "-nographic",
             "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initramfs,
             "-append", cmdline, "-drive", args.qemu_drive.format(**fill),
