@@ -322,8 +322,9 @@ def main():
     timeout = 240 + 3 * (args.fio_runtime + 30) + 2 * (args.iperf_time + 30)
     results = {name: [] for name, _ in vmms}
     try:
-        for _ in range(args.n):
-            for name, argv in vmms:
+        for round_index in range(args.n):
+            # Alternating the order spreads a drift of the host's load over both VMMs.
+            for name, argv in (vmms if round_index % 2 == 0 else vmms[::-1]):
                 subprocess.run(["ip", "neigh", "flush", "dev", TAP], check=False)
                 results[name].append(measure(name, argv, timeout, args.verbose, args.perf,
                                              min(8, args.fio_runtime)))
@@ -337,12 +338,16 @@ def main():
           f"{args.disk_mib} MiB raw file (cache={args.cache}), fio {args.ioengine} "
           f"iodepth={args.iodepth} {args.fio_runtime} s/job, iperf3 {args.iperf_time} s")
     names = [name for name, _ in vmms]
-    print(f"{'':28}" + "".join(f"{n:>10}" for n in names) + ("  kiln/QEMU" if len(names) == 2 else ""))
+    print(f"{'':28}" + "".join(f"{n:>10}" for n in names) + ("  kiln/QEMU" if len(names) == 2 else "")
+          + ("   min-max per VMM" if args.n > 1 else ""))
     for key, label in ROWS:
         values = [statistics.median(r[key] for r in results[n]) for n in names]
         line = f"{label:28}" + "".join(f"{v:10.2f}" for v in values)
         if len(values) == 2:
             line += f"  {values[0] / values[1]:9.2f}" if values[1] else "        nan"
+        if args.n > 1:  # on a loaded host the spread can exceed the difference between VMMs
+            line += "   " + " ".join(f"{min(r[key] for r in results[n]):.1f}-"
+                                     f"{max(r[key] for r in results[n]):.1f}" for n in names)
         print(line)
 
 
