@@ -14,6 +14,12 @@ The backing file lives in the harness's /tmp (tmpfs: no O_DIRECT there, so both 
 page cache, cache=writeback); --disk-dir puts it elsewhere. kiln's and QEMU's net options are
 --kiln-net / --qemu-netdev templates ({tap} and {mac} are filled in), e.g.
 --kiln-net 'tap={tap},mac={mac},vhost=on' once kiln has a vhost-net backend.
+
+-v adds, per phase: its wall time, the VMM's CPU time per thread name, the host KVM's exit and
+injection counters (debugfs) and the guest's interrupts per virtio vector; and the features the
+guest negotiated. --perf PHASE profiles one phase with perf (it perturbs that phase). Under the
+emulated harness on a shared host the figures swing severalfold between runs with the host's load:
+use -n 3 or more (rounds alternate the VMM order) and read the min-max columns before the ratio.
 """
 import argparse
 import os
