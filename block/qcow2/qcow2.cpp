@@ -549,6 +549,31 @@ void Image::write_cluster_part(uint64_t offset, std::span<const uint8_t> buf) {
     pwrite_all(fd_.get(), buf, host + in_cluster);
     return;
   }
+  // Partial write into a cluster that reads as zeros: zero the host cluster with one fallocate
+  // and write only the new bytes, instead of writing a cluster of mostly zeros (an allocating
+  // 4 KiB write then costs 4 KiB of page cache and disk bandwidth, not a whole cluster).
+  if (buf.size() != cluster_size_ && cow_source_is_zero(entry, guest_cluster)) {
+    uint64_t target = host;
+    if (!in_place) {
+      get_l2(guest_cluster / l2_entries(), true);  // table first: keeps data clusters contiguous
+      target = alloc_clusters(1);
+    }
+    if (zero_host_cluster(target)) {
+      pwrite_all(fd_.get(), buf, target + in_cluster);
+      set_l2_entry(guest_cluster, target | kFlagCopied);
+      if (!in_place) release_entry_later(entry);
+      return;
+    }
+    if (!in_place) {
+      // No fallocate here: fall through to a whole-cluster write into the cluster just taken.
+      std::vector<uint8_t> whole(cluster_size_, 0);
+      std::memcpy(whole.data() + in_cluster, buf.data(), buf.size());
+      pwrite_all(fd_.get(), whole, target);
+      set_l2_entry(guest_cluster, target | kFlagCopied);
+      release_entry_later(entry);
+      return;
+    }
+  }
   // Copy-on-write: assemble the whole cluster unless the write covers it.
   std::vector<uint8_t> whole;
   std::span<const uint8_t> data = buf;
@@ -569,6 +594,23 @@ void Image::write_cluster_part(uint64_t offset, std::span<const uint8_t> buf) {
   pwrite_all(fd_.get(), data, new_host);
   set_l2_entry(guest_cluster, new_host | kFlagCopied);
   release_entry_later(entry);
+}
+
+bool Image::cow_source_is_zero(uint64_t entry, uint64_t guest_cluster) const {
+  if (entry & kFlagCompressed) return false;
+  if ((entry & kL2FlagZero) && header_.version >= 3) return true;
+  if (entry & kOffsetMask) return false;
+  // Unallocated: reads through to the backing file, which must hold nothing there.
+  return !backing_ || guest_cluster * cluster_size_ >= backing_->size();
+}
+
+bool Image::zero_host_cluster(uint64_t host) {
+  // ZERO_RANGE also extends the file over the whole cluster, as a full write would.
+  if (::fallocate(fd_.get(), FALLOC_FL_ZERO_RANGE, off_t(host), off_t(cluster_size_)) == 0) {
+    return true;
+  }
+  if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) return false;
+  throw_errno("fallocate");
 }
 
 void Image::write_compressed(uint64_t offset, std::span<const uint8_t> cluster) {

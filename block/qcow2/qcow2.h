@@ -219,6 +219,10 @@ class Image : public SyncImage {
   void read_compressed(uint64_t entry, std::vector<uint8_t>& out);
   void read_from_backing(uint64_t offset, std::span<uint8_t> buf);
   void write_cluster_part(uint64_t offset, std::span<const uint8_t> buf);
+  // True when the guest cluster currently reads as all zeros without looking at data.
+  bool cow_source_is_zero(uint64_t entry, uint64_t guest_cluster) const;
+  // Makes a host cluster read as zeros with fallocate; false when the file system cannot.
+  bool zero_host_cluster(uint64_t host);
   void zero_cluster(uint64_t guest_cluster, bool unmap);
   void release_entry_later(uint64_t entry);
 
