@@ -107,7 +107,8 @@ BenchOptions parse_args(int argc, char** argv) {
         break;
       case 'S':
         o.step = parse_size_arg(optarg, "step_size");
-        if (o.step > INT_MAX) throw UsageError(fmt::format("Invalid step_size specified{}", kSizeHint));
+        if (o.step > INT_MAX)
+          throw UsageError(fmt::format("Invalid step_size specified{}", kSizeHint));
         break;
       case 't':
         o.cache = optarg;
@@ -236,8 +237,9 @@ class BufferPool {
 class Bench {
  public:
   Bench(const BenchOptions& o, block::BlockDevice& dev)
-      : o_(o), dev_(dev), pool_(std::min(o.depth, std::max<uint64_t>(o.count, 1)), o.bufsize,
-                                o.pattern) {}
+      : o_(o),
+        dev_(dev),
+        pool_(std::min(o.depth, std::max<uint64_t>(o.count, 1)), o.bufsize, o.pattern) {}
 
   uint64_t max_in_flight() const { return max_in_flight_; }
 

@@ -59,6 +59,14 @@ struct CreateOptions {
   bool lazy_refcounts = false;
 };
 
+// qemu-img amend: only what is given changes.
+struct AmendOptions {
+  std::optional<uint32_t> version;  // 2 = compat 0.10, 3 = compat 1.1
+  std::optional<uint32_t> refcount_bits;
+  std::optional<bool> lazy_refcounts;
+  std::optional<uint64_t> size;
+};
+
 // What one guest range of one layer maps to.
 enum class ExtentKind { kUnallocated, kZero, kData, kCompressed };
 struct Extent {
@@ -174,6 +182,9 @@ class Image : public SyncImage {
   // Rewrites the header to name another backing file ("" removes it) with its format. Only the
   // header changes: the chain this Image has open stays as it was.
   void set_backing_file(const std::string& file, const std::string& format);
+  // Changes compat level, refcount width, lazy refcounts and (growing) size in place
+  // (qcow2_amend.cpp). Throws Qcow2Error with qemu-img's message for what cannot be done.
+  void amend(const AmendOptions& opts);
 
   bool read_only() const { return read_only_; }
   const Header& header() const { return header_; }
@@ -261,6 +272,10 @@ class Image : public SyncImage {
   // them, whatever an untrusted L2 entry says.
   std::unordered_set<uint64_t> refblock_clusters_, l2_clusters_;
   void rebuild_metadata_set();
+  // Amend (qcow2_amend.cpp): expands zero clusters so the image can become version 2, and
+  // rebuilds the refcount table and blocks at another width.
+  void downgrade_to_v2();
+  void rewrite_refcounts(uint32_t new_order);
 
   // Snapshots (qcow2_snapshot.cpp).
   struct RawSnapshot {

@@ -24,8 +24,8 @@ class BenchTest : public ImgToolTest {
   // Both tools on the same arguments: same exit status, same report apart from the time.
   void expect_same_report(const std::string& args) {
     const ToolResult k = kiln(args), qm = qemu(args);
-    EXPECT_EQ(k.status, qm.status) << args << "\nkiln: " << k.out << k.err << "\nqemu: " << qm.out
-                                   << qm.err;
+    EXPECT_EQ(k.status, qm.status)
+        << args << "\nkiln: " << k.out << k.err << "\nqemu: " << qm.out << qm.err;
     EXPECT_EQ(without_time(k.out), without_time(qm.out)) << args;
     EXPECT_EQ(k.err.empty(), qm.err.empty()) << args << "\nkiln: " << k.err << "\nqemu: " << qm.err;
   }
@@ -102,16 +102,16 @@ TEST_F(BenchTest, WritesLeaveTheSameContents) {
 }
 
 TEST_F(BenchTest, KeepsTheQueueDepthInFlight) {
-  const ToolResult raw = run_split(
-      fmt::format("cd {} && KILN_IMG_BENCH_STATS=1 {} bench -c 5000 -d 64 r.raw",
-                  q(dir_.path()), kKilnImg),
-      path(".stderr"));
+  const ToolResult raw =
+      run_split(fmt::format("cd {} && KILN_IMG_BENCH_STATS=1 {} bench -c 5000 -d 64 r.raw",
+                            q(dir_.path()), kKilnImg),
+                path(".stderr"));
   EXPECT_EQ(raw.status, 0);
   EXPECT_EQ(raw.err, "max in flight: 64\n");
-  const ToolResult one = run_split(
-      fmt::format("cd {} && KILN_IMG_BENCH_STATS=1 {} bench -c 100 -d 1 a.qcow2",
-                  q(dir_.path()), kKilnImg),
-      path(".stderr"));
+  const ToolResult one =
+      run_split(fmt::format("cd {} && KILN_IMG_BENCH_STATS=1 {} bench -c 100 -d 1 a.qcow2",
+                            q(dir_.path()), kKilnImg),
+                path(".stderr"));
   EXPECT_EQ(one.err, "max in flight: 1\n");
 }
 
