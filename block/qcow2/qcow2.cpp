@@ -383,7 +383,7 @@ void Image::check_data_offset(uint64_t host, uint64_t guest_offset) const {
 // Reading
 
 void Image::read(uint64_t offset, std::span<uint8_t> buf) {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
   while (!buf.empty()) {
     if (offset >= header_.size) {
       std::memset(buf.data(), 0, buf.size());
@@ -392,7 +392,28 @@ void Image::read(uint64_t offset, std::span<uint8_t> buf) {
     const uint64_t in_cluster = offset % cluster_size_;
     const uint64_t n =
         std::min<uint64_t>({buf.size(), cluster_size_ - in_cluster, header_.size - offset});
-    read_cluster_part(offset, buf.first(n));
+    const uint64_t entry = l2_entry(offset / cluster_size_);
+    const uint64_t host = entry & kOffsetMask;
+    const bool plain_data =
+        host && !(entry & kFlagCompressed) && !((entry & kL2FlagZero) && header_.version >= 3);
+    if (plain_data) {
+      // The data read itself runs without the lock so that requests in flight overlap in the
+      // kernel. The host cluster cannot be freed meanwhile: frees wait for unlocked reads.
+      check_data_offset(host, offset);
+      ++unlocked_reads_;
+      lock.unlock();
+      std::exception_ptr failure;
+      try {
+        pread_zero_fill(fd_.get(), buf.first(n), host + in_cluster);
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      lock.lock();
+      if (--unlocked_reads_ == 0) unlocked_reads_done_.notify_all();
+      if (failure) std::rethrow_exception(failure);
+    } else {
+      read_cluster_part(offset, buf.first(n));
+    }
     offset += n;
     buf = buf.subspan(n);
   }
@@ -868,6 +889,8 @@ void Image::flush_locked() {
 }
 
 void Image::apply_deferred_frees() {
+  // A read that looked a cluster up before it was dropped may still be reading it.
+  unlocked_reads_done_.wait(mu_, [this] { return unlocked_reads_ == 0; });
   auto frees = std::move(deferred_frees_);
   deferred_frees_.clear();
   for (uint64_t item : frees) {

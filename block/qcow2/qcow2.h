@@ -10,6 +10,7 @@
 
 #include <sys/types.h>
 
+#include <condition_variable>
 #include <cstdint>
 #include <list>
 #include <memory>
@@ -254,6 +255,9 @@ class Image : public SyncImage {
   void sync_file();
 
   mutable std::mutex mu_;
+  // Data reads in progress without mu_ held (read()); frees wait for them to finish.
+  uint64_t unlocked_reads_ = 0;
+  std::condition_variable_any unlocked_reads_done_;
   UniqueFd fd_;
   std::string path_;
   bool read_only_ = true;
