@@ -68,7 +68,22 @@ std::unique_ptr<RawImage> RawImage::open(const std::string& path, bool read_only
   return img;
 }
 
-void RawImage::create(const std::string& path, uint64_t size) {
+void preallocate_range(int fd, uint64_t offset, uint64_t length, DataPreallocation mode) {
+  if (mode == DataPreallocation::kNone || length == 0) return;
+  if (mode == DataPreallocation::kFalloc) {
+    const int rc = ::posix_fallocate(fd, off_t(offset), off_t(length));
+    if (rc != 0) throw std::system_error(rc, std::generic_category(), "Could not preallocate data");
+    return;
+  }
+  const std::vector<uint8_t> zeros(std::min<uint64_t>(length, 4ull << 20), 0);
+  for (uint64_t done = 0; done < length;) {
+    const uint64_t n = std::min<uint64_t>(zeros.size(), length - done);
+    pwrite_all(fd, std::span(zeros).first(n), offset + done);
+    done += n;
+  }
+}
+
+void RawImage::create(const std::string& path, uint64_t size, DataPreallocation prealloc) {
   // Truncate only once the write lock is ours: an image another process (or this one) has open
   // must not lose its contents to a failed create.
   UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
@@ -77,6 +92,7 @@ void RawImage::create(const std::string& path, uint64_t size) {
   if (::ftruncate(fd.get(), 0) != 0 || ::ftruncate(fd.get(), off_t(size)) != 0) {
     throw_errno("ftruncate");
   }
+  preallocate_range(fd.get(), 0, size, prealloc);
 }
 
 void RawImage::read(uint64_t offset, std::span<uint8_t> buf) {

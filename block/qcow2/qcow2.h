@@ -48,6 +48,11 @@ struct OpenOptions {
   bool no_backing = false;
 };
 
+enum class DataPreallocation { kNone, kFalloc, kFull };
+
+// Makes [offset, offset+length) of `fd` allocated: fallocate, or zeros written (kFull).
+void preallocate_range(int fd, uint64_t offset, uint64_t length, DataPreallocation mode);
+
 struct CreateOptions {
   uint64_t size = 0;
   uint32_t cluster_size = 65536;
@@ -57,6 +62,9 @@ struct CreateOptions {
   std::string backing_format;
   CompressionType compression_type = CompressionType::kZlib;
   bool preallocate_metadata = false;
+  // With preallocate_metadata: also reserve the data clusters (fallocate) or write them as
+  // zeros (full), as qemu-img create -o preallocation=falloc|full does.
+  DataPreallocation data_preallocation = DataPreallocation::kNone;
   bool lazy_refcounts = false;
 };
 
@@ -98,7 +106,8 @@ class SyncImage {
 class RawImage : public SyncImage {
  public:
   static std::unique_ptr<RawImage> open(const std::string& path, bool read_only, bool force_share);
-  static void create(const std::string& path, uint64_t size);
+  static void create(const std::string& path, uint64_t size,
+                     DataPreallocation prealloc = DataPreallocation::kNone);
   std::string format() const override { return "raw"; }
   std::string path() const override { return path_; }
   uint64_t size() const override { return size_; }
