@@ -152,6 +152,9 @@ BenchOptions parse_args(int argc, char** argv) {
   if (o.flush_interval && !o.write) {
     throw UsageError("--flush-interval is only available in write tests");
   }
+  if (o.flush_interval && o.flush_interval < o.depth) {
+    throw UsageError("Flush interval can't be smaller than depth");
+  }
   if (o.step == 0) o.step = o.bufsize;
   if (o.depth * o.bufsize > (64ull << 30)) {
     throw UsageError("Cannot allocate buffers: depth * buffer size is too large");

@@ -153,6 +153,7 @@ void Image::create(const std::string& path, const CreateOptions& o) {
     // Host runs of data clusters, for falloc/full preallocation.
     std::vector<std::pair<uint64_t, uint64_t>> runs;
     for (uint64_t c = 0; c < clusters; ++c) {
+      img->get_l2(c / img->l2_entries(), true);  // table first: keeps data contiguous
       const uint64_t host = img->alloc_clusters(1);
       img->set_l2_entry(c, host | kFlagCopied);
       end = std::max(end, host + cs);

@@ -43,8 +43,8 @@ TEST_F(BenchTest, ReportMatchesQemu) {
            "bench -c 300 -t none -s 1000 r.raw",
            "bench -c 100 -t writethrough -U a.qcow2",
            "bench -w -c 200 -d 16 --pattern 0x33 r.raw",
-           "bench -w -c 200 --flush-interval 50 a.qcow2",
-           "bench -w -c 200 --flush-interval 50 --no-drain a.qcow2",
+           "bench -w -c 200 -d 16 --flush-interval 50 a.qcow2",
+           "bench -w -c 200 -d 50 --flush-interval 50 --no-drain a.qcow2",
            "bench -w -c 100 -t directsync r.raw",
            "bench -w --no-drain -c 3 a.qcow2",
        }) {
@@ -65,6 +65,7 @@ TEST_F(BenchTest, ErrorsMatchQemu) {
            "bench -i foo a.qcow2",
            "bench --flush-interval 10 a.qcow2",
            "bench -w --flush-interval -1 a.qcow2",
+           "bench -w -c 200 --flush-interval 50 a.qcow2",
            "bench --pattern 256 a.qcow2",
            "bench -w --pattern x a.qcow2",
            "bench -n -c 3 a.qcow2",
