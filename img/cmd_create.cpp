@@ -47,10 +47,14 @@ void apply_qcow2_options(const std::map<std::string, std::string>& opts, CreateO
         throw UsageError(fmt::format("Invalid parameter '{}'", value));
       }
     } else if (key == "preallocation") {
-      if (value != "off" && value != "metadata") {
-        throw UsageError(fmt::format("Unsupported preallocation mode '{}'", value));
+      if (value != "off" && value != "metadata" && value != "falloc" && value != "full") {
+        throw UsageError(
+            fmt::format("Parameter 'preallocation' does not accept value '{}'", value));
       }
-      o.preallocate_metadata = value == "metadata";
+      o.preallocate_metadata = value != "off";
+      o.data_preallocation = value == "falloc" ? block::qcow2::DataPreallocation::kFalloc
+                             : value == "full" ? block::qcow2::DataPreallocation::kFull
+                                               : block::qcow2::DataPreallocation::kNone;
     } else if (key == "lazy_refcounts") {
       o.lazy_refcounts = parse_on_off(key, value);
     } else if (key == "extended_l2") {
@@ -110,19 +114,36 @@ int cmd_create(int argc, char** argv) {
   if (optind < argc) throw UsageError(fmt::format("Unexpected argument: {}", argv[optind]));
   const auto opts = parse_options(options);
   if (fmt == "raw") {
+    std::string prealloc;
     for (const auto& [k, v] : opts) {
       if (k == "size") {
         o.size = block::qcow2::parse_size(v);
         size_given = true;
-      } else if (k != "preallocation" || v != "off") {
+      } else if (k == "preallocation") {
+        prealloc = v;
+      } else {
         throw UsageError(fmt::format("Invalid parameter '{}'", k));
       }
     }
     if (!backing.empty()) throw UsageError("'raw' does not support backing files");
     if (!size_given) throw UsageError("Image creation needs a size parameter");
-    if (!quiet)
-      std::printf("Formatting '%s', fmt=raw size=%llu\n", file.c_str(), (unsigned long long)o.size);
-    block::qcow2::RawImage::create(file, o.size);
+    if (!quiet) {
+      std::printf("Formatting '%s', fmt=raw size=%llu%s\n", file.c_str(),
+                  (unsigned long long)o.size,
+                  prealloc.empty() ? "" : (" preallocation=" + prealloc).c_str());
+      std::fflush(stdout);
+    }
+    auto mode = block::qcow2::DataPreallocation::kNone;
+    if (prealloc == "falloc") {
+      mode = block::qcow2::DataPreallocation::kFalloc;
+    } else if (prealloc == "full") {
+      mode = block::qcow2::DataPreallocation::kFull;
+    } else if (prealloc == "metadata") {
+      throw UsageError(fmt::format("{}: Unsupported preallocation mode: metadata", file));
+    } else if (!prealloc.empty() && prealloc != "off") {
+      throw UsageError(fmt::format("{}: invalid parameter value: {}", file, prealloc));
+    }
+    block::qcow2::RawImage::create(file, o.size, mode);
     return 0;
   }
   if (fmt != "qcow2") throw UsageError(fmt::format("Unknown file format '{}'", fmt));
@@ -152,7 +173,7 @@ int cmd_create(int argc, char** argv) {
   if (!quiet) {
     std::string line = fmt::format("Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={}",
                                    file, o.cluster_size, o.extended_l2 ? "on" : "off");
-    if (o.preallocate_metadata) line += " preallocation=metadata";
+    if (opts.count("preallocation")) line += " preallocation=" + opts.at("preallocation");
     line += fmt::format(" compression_type={} size={}",
                         o.compression_type == CompressionType::kZstd ? "zstd" : "zlib", o.size);
     if (!o.backing_file.empty()) line += fmt::format(" backing_file={}", o.backing_file);

@@ -67,6 +67,8 @@ int cmd_dd(int argc, char** argv);
 int cmd_commit(int argc, char** argv);
 int cmd_rebase(int argc, char** argv);
 int cmd_snapshot(int argc, char** argv);
+int cmd_bench(int argc, char** argv);
+int cmd_amend(int argc, char** argv);
 // qemu's "Snapshot list:" table (snapshot -l and info); prints nothing for no snapshots.
 void print_snapshot_list(const std::vector<block::qcow2::SnapshotInfo>& list);
 

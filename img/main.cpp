@@ -81,7 +81,11 @@ void print_usage() {
       "  commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename\n"
       "  rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file "
       "[-F backing_fmt] filename\n"
-      "  snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename");
+      "  snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename\n"
+      "  bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-i aio] [-n] "
+      "[--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] "
+      "[-t cache] [-w] [-U] filename\n"
+      "  amend [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename");
 }
 
 }  // namespace kiln::img
@@ -111,6 +115,8 @@ int main(int argc, char** argv) {
     if (cmd == "commit") return cmd_commit(argc - 1, argv + 1);
     if (cmd == "rebase") return cmd_rebase(argc - 1, argv + 1);
     if (cmd == "snapshot") return cmd_snapshot(argc - 1, argv + 1);
+    if (cmd == "bench") return cmd_bench(argc - 1, argv + 1);
+    if (cmd == "amend") return cmd_amend(argc - 1, argv + 1);
     fmt::print(stderr, "kiln-img: Command not found: {}\n", cmd);
     return 1;
   } catch (const std::exception& e) {

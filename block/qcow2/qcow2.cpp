@@ -68,7 +68,22 @@ std::unique_ptr<RawImage> RawImage::open(const std::string& path, bool read_only
   return img;
 }
 
-void RawImage::create(const std::string& path, uint64_t size) {
+void preallocate_range(int fd, uint64_t offset, uint64_t length, DataPreallocation mode) {
+  if (mode == DataPreallocation::kNone || length == 0) return;
+  if (mode == DataPreallocation::kFalloc) {
+    const int rc = ::posix_fallocate(fd, off_t(offset), off_t(length));
+    if (rc != 0) throw std::system_error(rc, std::generic_category(), "Could not preallocate data");
+    return;
+  }
+  const std::vector<uint8_t> zeros(std::min<uint64_t>(length, 4ull << 20), 0);
+  for (uint64_t done = 0; done < length;) {
+    const uint64_t n = std::min<uint64_t>(zeros.size(), length - done);
+    pwrite_all(fd, std::span(zeros).first(n), offset + done);
+    done += n;
+  }
+}
+
+void RawImage::create(const std::string& path, uint64_t size, DataPreallocation prealloc) {
   // Truncate only once the write lock is ours: an image another process (or this one) has open
   // must not lose its contents to a failed create.
   UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
@@ -77,6 +92,7 @@ void RawImage::create(const std::string& path, uint64_t size) {
   if (::ftruncate(fd.get(), 0) != 0 || ::ftruncate(fd.get(), off_t(size)) != 0) {
     throw_errno("ftruncate");
   }
+  preallocate_range(fd.get(), 0, size, prealloc);
 }
 
 void RawImage::read(uint64_t offset, std::span<uint8_t> buf) {
@@ -406,8 +422,20 @@ void Image::check_data_offset(uint64_t host, uint64_t guest_offset) const {
 // ---------------------------------------------------------------------------------------------
 // Reading
 
+// True when [in_cluster, in_cluster + n) of the entry's cluster is plain data in its host cluster,
+// which read() then reads without the lock.
+bool Image::plain_data(const L2Entry& entry, uint64_t in_cluster, uint64_t n) const {
+  if (!entry.host() || entry.compressed()) return false;
+  if (!extended_l2()) return !((entry.word & kL2FlagZero) && header_.version >= 3);
+  const uint64_t sc_size = subcluster_size();
+  const uint32_t first = uint32_t(in_cluster / sc_size);
+  const uint32_t mask =
+      subcluster_mask(first, uint32_t(div_round_up(in_cluster + n, sc_size)) - first);
+  return !*entry.bitmap_error() && (entry.alloc_bits() & mask) == mask;
+}
+
 void Image::read(uint64_t offset, std::span<uint8_t> buf) {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
   while (!buf.empty()) {
     if (offset >= header_.size) {
       std::memset(buf.data(), 0, buf.size());
@@ -416,7 +444,26 @@ void Image::read(uint64_t offset, std::span<uint8_t> buf) {
     const uint64_t in_cluster = offset % cluster_size_;
     const uint64_t n =
         std::min<uint64_t>({buf.size(), cluster_size_ - in_cluster, header_.size - offset});
-    read_cluster_part(offset, buf.first(n));
+    const L2Entry entry = l2_entry(offset / cluster_size_);
+    const uint64_t host = entry.host();
+    if (plain_data(entry, in_cluster, n)) {
+      // The data read itself runs without the lock so that requests in flight overlap in the
+      // kernel. The host cluster cannot be freed meanwhile: frees wait for unlocked reads.
+      check_data_offset(host, offset);
+      ++unlocked_reads_;
+      lock.unlock();
+      std::exception_ptr failure;
+      try {
+        pread_zero_fill(fd_.get(), buf.first(n), host + in_cluster);
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      lock.lock();
+      if (--unlocked_reads_ == 0) unlocked_reads_done_.notify_all();
+      if (failure) std::rethrow_exception(failure);
+    } else {
+      read_cluster_part(offset, buf.first(n));
+    }
     offset += n;
     buf = buf.subspan(n);
   }
@@ -597,6 +644,31 @@ void Image::write_cluster_part(uint64_t offset, std::span<const uint8_t> buf) {
     pwrite_all(fd_.get(), buf, host + in_cluster);
     return;
   }
+  // Partial write into a cluster that reads as zeros: zero the host cluster with one fallocate
+  // and write only the new bytes, instead of writing a cluster of mostly zeros (an allocating
+  // 4 KiB write then costs 4 KiB of page cache and disk bandwidth, not a whole cluster).
+  if (buf.size() != cluster_size_ && cow_source_is_zero(entry, guest_cluster)) {
+    uint64_t target = host;
+    if (!in_place) {
+      get_l2(guest_cluster / l2_entries(), true);  // table first: keeps data clusters contiguous
+      target = alloc_clusters(1);
+    }
+    if (zero_host_cluster(target)) {
+      pwrite_all(fd_.get(), buf, target + in_cluster);
+      set_l2_entry(guest_cluster, {target | kFlagCopied, 0});
+      if (!in_place) release_entry_later(entry);
+      return;
+    }
+    if (!in_place) {
+      // No fallocate here: fall through to a whole-cluster write into the cluster just taken.
+      std::vector<uint8_t> whole(cluster_size_, 0);
+      std::memcpy(whole.data() + in_cluster, buf.data(), buf.size());
+      pwrite_all(fd_.get(), whole, target);
+      set_l2_entry(guest_cluster, {target | kFlagCopied, 0});
+      release_entry_later(entry);
+      return;
+    }
+  }
   // Copy-on-write: assemble the whole cluster unless the write covers it.
   std::vector<uint8_t> whole;
   std::span<const uint8_t> data = buf;
@@ -673,6 +745,23 @@ void Image::write_subclusters(uint64_t offset, std::span<const uint8_t> buf) {
   pwrite_all(fd_.get(), data, next.host() + lo_off);
   set_l2_entry(guest_cluster, next);
   if (!in_place) release_entry_later(entry.word);
+}
+
+bool Image::cow_source_is_zero(uint64_t entry, uint64_t guest_cluster) const {
+  if (entry & kFlagCompressed) return false;
+  if ((entry & kL2FlagZero) && header_.version >= 3) return true;
+  if (entry & kOffsetMask) return false;
+  // Unallocated: reads through to the backing file, which must hold nothing there.
+  return !backing_ || guest_cluster * cluster_size_ >= backing_->size();
+}
+
+bool Image::zero_host_cluster(uint64_t host) {
+  // ZERO_RANGE also extends the file over the whole cluster, as a full write would.
+  if (::fallocate(fd_.get(), FALLOC_FL_ZERO_RANGE, off_t(host), off_t(cluster_size_)) == 0) {
+    return true;
+  }
+  if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) return false;
+  throw_errno("fallocate");
 }
 
 void Image::write_compressed(uint64_t offset, std::span<const uint8_t> cluster) {
@@ -990,6 +1079,8 @@ void Image::flush_locked() {
 }
 
 void Image::apply_deferred_frees() {
+  // A read that looked a cluster up before it was dropped may still be reading it.
+  unlocked_reads_done_.wait(mu_, [this] { return unlocked_reads_ == 0; });
   auto frees = std::move(deferred_frees_);
   deferred_frees_.clear();
   for (uint64_t item : frees) {

@@ -10,6 +10,7 @@
 
 #include <sys/types.h>
 
+#include <condition_variable>
 #include <cstdint>
 #include <list>
 #include <memory>
@@ -47,6 +48,11 @@ struct OpenOptions {
   bool no_backing = false;
 };
 
+enum class DataPreallocation { kNone, kFalloc, kFull };
+
+// Makes [offset, offset+length) of `fd` allocated: fallocate, or zeros written (kFull).
+void preallocate_range(int fd, uint64_t offset, uint64_t length, DataPreallocation mode);
+
 struct CreateOptions {
   uint64_t size = 0;
   uint32_t cluster_size = 65536;
@@ -56,9 +62,20 @@ struct CreateOptions {
   std::string backing_format;
   CompressionType compression_type = CompressionType::kZlib;
   bool preallocate_metadata = false;
+  // With preallocate_metadata: also reserve the data clusters (fallocate) or write them as
+  // zeros (full), as qemu-img create -o preallocation=falloc|full does.
+  DataPreallocation data_preallocation = DataPreallocation::kNone;
   bool lazy_refcounts = false;
   // Extended L2 entries (32 subclusters per cluster); needs compat 1.1 and 16 KiB clusters.
   bool extended_l2 = false;
+};
+
+// qemu-img amend: only what is given changes.
+struct AmendOptions {
+  std::optional<uint32_t> version;  // 2 = compat 0.10, 3 = compat 1.1
+  std::optional<uint32_t> refcount_bits;
+  std::optional<bool> lazy_refcounts;
+  std::optional<uint64_t> size;
 };
 
 // What one guest range of one layer maps to.
@@ -93,7 +110,8 @@ class SyncImage {
 class RawImage : public SyncImage {
  public:
   static std::unique_ptr<RawImage> open(const std::string& path, bool read_only, bool force_share);
-  static void create(const std::string& path, uint64_t size);
+  static void create(const std::string& path, uint64_t size,
+                     DataPreallocation prealloc = DataPreallocation::kNone);
   std::string format() const override { return "raw"; }
   std::string path() const override { return path_; }
   uint64_t size() const override { return size_; }
@@ -178,6 +196,9 @@ class Image : public SyncImage {
   // Rewrites the header to name another backing file ("" removes it) with its format. Only the
   // header changes: the chain this Image has open stays as it was.
   void set_backing_file(const std::string& file, const std::string& format);
+  // Changes compat level, refcount width, lazy refcounts and (growing) size in place
+  // (qcow2_amend.cpp). Throws Qcow2Error with qemu-img's message for what cannot be done.
+  void amend(const AmendOptions& opts);
 
   bool read_only() const { return read_only_; }
   const Header& header() const { return header_; }
@@ -229,12 +250,17 @@ class Image : public SyncImage {
   bool is_metadata(uint64_t host_cluster_offset, bool with_l2 = true) const;
 
   // Reads/writes within one guest cluster.
+  bool plain_data(const L2Entry& entry, uint64_t in_cluster, uint64_t n) const;
   void read_cluster_part(uint64_t offset, std::span<uint8_t> buf);
   void read_subclusters(const L2Entry& entry, uint64_t offset, std::span<uint8_t> buf);
   void read_compressed(uint64_t entry, std::vector<uint8_t>& out);
   void read_from_backing(uint64_t offset, std::span<uint8_t> buf);
   void write_cluster_part(uint64_t offset, std::span<const uint8_t> buf);
   void write_subclusters(uint64_t offset, std::span<const uint8_t> buf);
+  // True when the guest cluster currently reads as all zeros without looking at data.
+  bool cow_source_is_zero(uint64_t entry, uint64_t guest_cluster) const;
+  // Makes a host cluster read as zeros with fallocate; false when the file system cannot.
+  bool zero_host_cluster(uint64_t host);
   void zero_cluster(uint64_t guest_cluster, bool unmap);
   void zero_subclusters(uint64_t offset, uint64_t length);
   void discard_cluster(uint64_t guest_cluster);
@@ -257,6 +283,9 @@ class Image : public SyncImage {
   void sync_file();
 
   mutable std::mutex mu_;
+  // Data reads in progress without mu_ held (read()); frees wait for them to finish.
+  uint64_t unlocked_reads_ = 0;
+  std::condition_variable_any unlocked_reads_done_;
   UniqueFd fd_;
   std::string path_;
   bool read_only_ = true;
@@ -275,6 +304,10 @@ class Image : public SyncImage {
   // them, whatever an untrusted L2 entry says.
   std::unordered_set<uint64_t> refblock_clusters_, l2_clusters_;
   void rebuild_metadata_set();
+  // Amend (qcow2_amend.cpp): expands zero clusters so the image can become version 2, and
+  // rebuilds the refcount table and blocks at another width.
+  void downgrade_to_v2();
+  void rewrite_refcounts(uint32_t new_order);
 
   // Snapshots (qcow2_snapshot.cpp).
   struct RawSnapshot {

@@ -91,6 +91,10 @@ void Image::create(const std::string& path, const CreateOptions& o) {
         1u << kMinExtendedL2ClusterBits));
   }
   if (o.size > kMaxVirtualSize) throw Qcow2Error("Image size too large");
+  if (o.preallocate_metadata && !o.backing_file.empty()) {
+    throw Qcow2Error(
+        "Backing file and preallocation can only be used at the same time if extended_l2 is on");
+  }
   if (!o.backing_format.empty() && o.backing_file.empty()) {
     throw Qcow2Error("Backing format cannot be used without backing file");
   }
@@ -158,11 +162,23 @@ void Image::create(const std::string& path, const CreateOptions& o) {
     std::lock_guard lock(img->mu_);
     const uint64_t clusters = div_round_up(o.size, cs);
     uint64_t end = 0;
+    // Host runs of data clusters, for falloc/full preallocation.
+    std::vector<std::pair<uint64_t, uint64_t>> runs;
     for (uint64_t c = 0; c < clusters; ++c) {
+      img->get_l2(c / img->l2_entries(), true);  // table first: keeps data contiguous
       const uint64_t host = img->alloc_clusters(1);
       // As QEMU: the host cluster is reserved, its subclusters stay unallocated (read as zeros).
       img->set_l2_entry(c, {host | kFlagCopied, 0});
       end = std::max(end, host + cs);
+      if (!runs.empty() && runs.back().first + runs.back().second == host) {
+        runs.back().second += cs;
+      } else {
+        runs.emplace_back(host, cs);
+      }
+    }
+    // Data before the tables that map it, as everywhere else.
+    for (const auto& [offset, length] : runs) {
+      preallocate_range(img->fd_.get(), offset, length, o.data_preallocation);
     }
     img->flush_locked();
     // The data clusters read as zeros until written: make the (sparse) file cover them.

@@ -119,6 +119,8 @@ uint64_t Image::adjust_refcount(uint64_t cluster, int addend) {
   if (addend < 0 && rc == 0) throw Qcow2Error("refcount underflow while updating a snapshot");
   if (addend > 0 && rc >= max_refcount()) throw Qcow2Error("refcount overflow");
   const uint64_t now = addend > 0 ? rc + 1 : rc - 1;
+  // A read may still be using a cluster it looked up before it was dropped (Image::read).
+  if (now == 0) unlocked_reads_done_.wait(mu_, [this] { return unlocked_reads_ == 0; });
   set_refcount(cluster, now);
   if (now == 0) {
     free_hint_ = std::min(free_hint_, cluster);
