@@ -331,7 +331,9 @@ struct FakeKernelState {
 
 class FakeKernel : public NetKernelDatapath {
  public:
-  explicit FakeKernel(FakeKernelState& state) : s_(state) {}
+  // Shared: the device outlives the test's own members (the bus that holds it is in the base
+  // fixture) and stops the kernel data path when it is destroyed.
+  explicit FakeKernel(std::shared_ptr<FakeKernelState> state) : state_(std::move(state)) {}
   uint64_t features() const override { return s_.features; }
   void start(const NetKernelStart& start) override {
     std::lock_guard lock(s_.mutex);
@@ -346,7 +348,8 @@ class FakeKernel : public NetKernelDatapath {
   }
 
  private:
-  FakeKernelState& s_;
+  std::shared_ptr<FakeKernelState> state_;
+  FakeKernelState& s_ = *state_;
 };
 
 uint64_t eventfd_count(int fd) {
@@ -369,11 +372,11 @@ class VirtioNetKernelTest : public VirtioNetTest {
     driver_->probe();
   }
   NetKernelStart last_start() {
-    std::lock_guard lock(kernel_.mutex);
-    return kernel_.last;
+    std::lock_guard lock(kernel_->mutex);
+    return kernel_->last;
   }
 
-  FakeKernelState kernel_;
+  std::shared_ptr<FakeKernelState> kernel_ = std::make_shared<FakeKernelState>();
   int tap_fd_ = -1;
 };
 
@@ -401,8 +404,8 @@ TEST_F(VirtioNetKernelTest, FeaturesAreWhatBothTheDeviceAndTheKernelCanDo) {
 }
 
 TEST_F(VirtioNetKernelTest, AKernelWithoutVersion1IsRefused) {
-  FakeKernelState old;
-  old.features = kFeatureRingEventIdx | kNetFeatureMrgRxbuf;
+  auto old = std::make_shared<FakeKernelState>();
+  old->features = kFeatureRingEventIdx | kNetFeatureMrgRxbuf;
   int pair[2];
   ASSERT_EQ(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair), 0);
   UniqueFd peer(pair[1]);
@@ -417,7 +420,7 @@ TEST_F(VirtioNetKernelTest, DriverOkHandsTheRingsAndTheTapToTheKernel) {
            kNetFeatureCsum | kNetFeatureGuestCsum | kNetFeatureGuestTso4);
   EXPECT_FALSE(driver_->status() & kStatusNeedsReset);
   NetKernelStart s = last_start();
-  EXPECT_EQ(kernel_.starts, 1);
+  EXPECT_EQ(kernel_->starts, 1);
   EXPECT_EQ(net_->metrics().kernel_starts, 1u);
   // Only ring features reach the kernel; the offloads go to the tap.
   EXPECT_EQ(s.features, kFeatureVersion1 | kFeatureRingEventIdx | kNetFeatureMrgRxbuf);
@@ -497,21 +500,21 @@ TEST_F(VirtioNetKernelTest, InterruptsGoStraightToTheVectorsIrqfdWhenItHasOne) {
 TEST_F(VirtioNetKernelTest, PauseWritesTheKernelsPositionsIntoTheQueuesAndResumeContinues) {
   bring_up(kFeatureVersion1 | kFeatureRingEventIdx | kNetFeatureMrgRxbuf);
   // The kernel took 3 receive and 5 transmit buffers and used them all.
-  kernel_.stop_positions = {3, 5};
+  kernel_->stop_positions = {3, 5};
   ASSERT_TRUE(m_.memory.write_obj(kRxDesc + 0x2000 + 2, uint16_t(3)));  // used->idx
   ASSERT_TRUE(m_.memory.write_obj(kTxDesc + 0x2000 + 2, uint16_t(5)));
   net_->pause();
-  EXPECT_EQ(kernel_.stops, 1);
+  EXPECT_EQ(kernel_->stops, 1);
   VirtioPciState state = transport_->save();
   EXPECT_EQ(state.queues[kNetReceiveQueue].next_avail, 3);
   EXPECT_EQ(state.queues[kNetReceiveQueue].next_used, 3);
   EXPECT_EQ(state.queues[kNetTransmitQueue].next_avail, 5);
   EXPECT_EQ(state.queues[kNetTransmitQueue].next_used, 5);
   net_->pause();  // idempotent
-  EXPECT_EQ(kernel_.stops, 1);
+  EXPECT_EQ(kernel_->stops, 1);
   net_->resume();
   NetKernelStart s = last_start();
-  EXPECT_EQ(kernel_.starts, 2);
+  EXPECT_EQ(kernel_->starts, 2);
   EXPECT_EQ(s.rings[0].next_avail, 3);
   EXPECT_EQ(s.rings[1].next_avail, 5);
 }
@@ -519,17 +522,17 @@ TEST_F(VirtioNetKernelTest, PauseWritesTheKernelsPositionsIntoTheQueuesAndResume
 TEST_F(VirtioNetKernelTest, ResetStopsTheKernelAndAReturningDriverStartsAfresh) {
   bring_up(kFeatureVersion1 | kFeatureRingEventIdx | kNetFeatureMrgRxbuf | kNetFeatureGuestCsum);
   driver_->set_status(0);  // guest reboot
-  EXPECT_EQ(kernel_.stops, 1);
+  EXPECT_EQ(kernel_->stops, 1);
   EXPECT_EQ(offloads_, 0u);
   bring_up(kFeatureVersion1);
-  EXPECT_EQ(kernel_.starts, 2);
+  EXPECT_EQ(kernel_->starts, 2);
   NetKernelStart s = last_start();
   EXPECT_EQ(s.features, kFeatureVersion1);
   EXPECT_EQ(s.rings[0].next_avail, 0);
 }
 
 TEST_F(VirtioNetKernelTest, AKernelThatCannotStartMeansNeedsReset) {
-  kernel_.fail_start = true;
+  kernel_->fail_start = true;
   ASSERT_TRUE(driver_->negotiate(kFeatureVersion1));
   driver_->setup_queue(kNetReceiveQueue, rx_);
   driver_->setup_queue(kNetTransmitQueue, tx_);
