@@ -125,6 +125,24 @@ class KvmNotifyRegistrar : public devices::virtio::NotifyRegistrar {
 };
 
 // virtio-vsock's rx and tx queues run in the host kernel's vhost-vsock.
+// What every vhost device needs before it runs, vsock and net alike: the negotiated features,
+// where guest memory is, and each ring's size, position, addresses and eventfds.
+void program_vhost(hv::VhostDevice& vhost, uint64_t features, const memory::GuestMemory& memory,
+                   std::span<const devices::virtio::KernelRing> rings) {
+  vhost.set_features(features);
+  std::vector<hv::VhostMemoryRegion> regions;
+  for (const memory::Region& r : memory.regions())
+    regions.push_back({r.gpa, r.size, reinterpret_cast<uint64_t>(r.host)});
+  vhost.set_memory_table(regions);
+  for (const auto& ring : rings) {
+    vhost.set_vring_num(ring.index, ring.size);
+    vhost.set_vring_base(ring.index, ring.next_avail);
+    vhost.set_vring_addresses(ring.index, {ring.desc_host, ring.avail_host, ring.used_host});
+    vhost.set_vring_kick(ring.index, ring.kick_fd);
+    vhost.set_vring_call(ring.index, ring.call_fd);
+  }
+}
+
 class VhostVsockBackend : public devices::virtio::VsockBackend {
  public:
   explicit VhostVsockBackend(uint64_t cid) {
@@ -133,18 +151,7 @@ class VhostVsockBackend : public devices::virtio::VsockBackend {
   }
   uint64_t features() const override { return features_; }
   void start(const devices::virtio::VsockStart& start) override {
-    vhost_.set_features(start.features & features_);
-    std::vector<hv::VhostMemoryRegion> regions;
-    for (const memory::Region& r : start.memory->regions())
-      regions.push_back({r.gpa, r.size, reinterpret_cast<uint64_t>(r.host)});
-    vhost_.set_memory_table(regions);
-    for (const auto& ring : start.rings) {
-      vhost_.set_vring_num(ring.index, ring.size);
-      vhost_.set_vring_base(ring.index, ring.next_avail);
-      vhost_.set_vring_addresses(ring.index, {ring.desc_host, ring.avail_host, ring.used_host});
-      vhost_.set_vring_kick(ring.index, ring.kick_fd);
-      vhost_.set_vring_call(ring.index, ring.call_fd);
-    }
+    program_vhost(vhost_, start.features & features_, *start.memory, start.rings);
     vhost_.set_running(true);
   }
   void stop() override {
@@ -164,20 +171,9 @@ class VhostNetDatapath : public devices::virtio::NetKernelDatapath {
   VhostNetDatapath() : features_(vhost_.features()) {}
   uint64_t features() const override { return features_; }
   void start(const devices::virtio::NetKernelStart& start) override {
-    vhost_.set_features(start.features & features_);
-    std::vector<hv::VhostMemoryRegion> regions;
-    for (const memory::Region& r : start.memory->regions())
-      regions.push_back({r.gpa, r.size, reinterpret_cast<uint64_t>(r.host)});
-    vhost_.set_memory_table(regions);
+    program_vhost(vhost_, start.features & features_, *start.memory, start.rings);
     rings_.clear();
-    for (const auto& ring : start.rings) {
-      vhost_.set_vring_num(ring.index, ring.size);
-      vhost_.set_vring_base(ring.index, ring.next_avail);
-      vhost_.set_vring_addresses(ring.index, {ring.desc_host, ring.avail_host, ring.used_host});
-      vhost_.set_vring_kick(ring.index, ring.kick_fd);
-      vhost_.set_vring_call(ring.index, ring.call_fd);
-      rings_.push_back(ring.index);
-    }
+    for (const auto& ring : start.rings) rings_.push_back(ring.index);
     // The tap last: from here on the kernel moves frames.
     for (uint16_t index : rings_) vhost_.set_backend(index, start.tap_fd);
   }
