@@ -103,6 +103,26 @@ class FakeVm : public VmControl {
     if (!has_balloon) return std::nullopt;
     return memory_summary.base_memory;
   }
+  std::optional<BalloonStats> balloon_stats() const override {
+    if (!has_balloon) return std::nullopt;
+    std::lock_guard lock(mutex_);
+    return balloon_stats_;
+  }
+  std::optional<uint32_t> balloon_stats_interval() const override {
+    if (!has_balloon) return std::nullopt;
+    std::lock_guard lock(mutex_);
+    return stats_interval_;
+  }
+  bool set_balloon_stats_interval(uint32_t seconds) override {
+    if (!has_balloon) return false;
+    std::lock_guard lock(mutex_);
+    stats_interval_ = seconds;
+    return true;
+  }
+  void set_balloon_stats(BalloonStats stats) {
+    std::lock_guard lock(mutex_);
+    balloon_stats_ = std::move(stats);
+  }
 
  private:
   bool change_state_from_running(RunState to) {
@@ -116,6 +136,8 @@ class FakeVm : public VmControl {
   RunState state_;
   int quit_calls_ = 0;
   std::optional<uint64_t> balloon_target_;
+  BalloonStats balloon_stats_;
+  uint32_t stats_interval_ = 0;
 };
 
 // A blocking-with-timeout QMP client over any connected stream socket.

@@ -6,6 +6,8 @@
 #include <limits>
 #include <sstream>
 
+#include "control/qom.h"
+
 namespace kiln::control {
 namespace {
 
@@ -24,7 +26,7 @@ struct CommandFailure {
 
 [[noreturn]] void fail(std::string desc) { throw CommandFailure{kGenericError, std::move(desc)}; }
 
-enum class ArgType { kInteger, kString, kBoolean, kArray };
+enum class ArgType { kInteger, kString, kBoolean, kArray, kAny };
 
 struct ArgSpec {
   std::string_view name;
@@ -42,6 +44,8 @@ std::string_view type_name(ArgType type) {
       return "boolean";
     case ArgType::kArray:
       return "array";
+    case ArgType::kAny:
+      return "any";
   }
   return "?";
 }
@@ -63,6 +67,8 @@ bool has_type(const json& value, ArgType type) {
       return value.is_boolean();
     case ArgType::kArray:
       return value.is_array();
+    case ArgType::kAny:
+      return true;
   }
   return false;
 }
@@ -92,6 +98,12 @@ const std::vector<CommandSpec>& command_table() {
       {"quit", {}},
       {"balloon", {{"value", ArgType::kInteger, true}}},
       {"query-balloon", {}},
+      {"qom-list", {{"path", ArgType::kString, true}}},
+      {"qom-get", {{"path", ArgType::kString, true}, {"property", ArgType::kString, true}}},
+      {"qom-set",
+       {{"path", ArgType::kString, true},
+        {"property", ArgType::kString, true},
+        {"value", ArgType::kAny, true}}},
       {"human-monitor-command",
        {{"command-line", ArgType::kString, true}, {"cpu-index", ArgType::kInteger, false}}},
   };
@@ -412,6 +424,12 @@ json QmpSession::execute(const std::string& command, const json& args, bool& qui
     auto actual = vm_.query_balloon();
     if (!actual) throw CommandFailure{kDeviceNotActive, std::string(kNoBalloon)};
     return {{"actual", *actual}};
+  } else if (command == "qom-list") {
+    return qom_list(vm_, args["path"]);
+  } else if (command == "qom-get") {
+    return qom_get(vm_, args["path"], args["property"]);
+  } else if (command == "qom-set") {
+    qom_set(vm_, args["path"], args["property"], args["value"]);
   } else if (command == "human-monitor-command") {
     return human_monitor_command(args);
   }

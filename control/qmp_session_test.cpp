@@ -108,11 +108,28 @@ TEST_F(QmpSessionTest, QueryVersionAndCommands) {
     EXPECT_EQ(keys(entry), std::set<std::string>{"name"});
     names.insert(entry["name"].get<std::string>());
   }
-  for (const char* expected :
-       {"qmp_capabilities", "query-version", "query-commands", "query-status", "query-name",
-        "query-uuid", "query-kvm", "query-cpus-fast", "query-block", "query-blockstats",
-        "query-memory-size-summary", "stop", "cont", "system_powerdown", "system_reset", "quit",
-        "balloon", "query-balloon", "human-monitor-command"}) {
+  for (const char* expected : {"qmp_capabilities",
+                               "query-version",
+                               "query-commands",
+                               "query-status",
+                               "query-name",
+                               "query-uuid",
+                               "query-kvm",
+                               "query-cpus-fast",
+                               "query-block",
+                               "query-blockstats",
+                               "query-memory-size-summary",
+                               "stop",
+                               "cont",
+                               "system_powerdown",
+                               "system_reset",
+                               "quit",
+                               "balloon",
+                               "query-balloon",
+                               "qom-list",
+                               "qom-get",
+                               "qom-set",
+                               "human-monitor-command"}) {
     EXPECT_TRUE(names.count(expected)) << expected;
   }
 }
@@ -252,6 +269,51 @@ TEST_F(QmpSessionTest, BalloonWithDevice) {
                "Parameter 'target' expects a size");
   expect_error(exec("balloon", {{"value", -5}}), "GenericError",
                "Parameter 'target' expects a size");
+}
+
+TEST_F(QmpSessionTest, BalloonGuestStatsThroughQom) {
+  negotiate();
+  const json path = "/machine/peripheral/balloon0";
+  expect_error(exec("qom-get", {{"path", path}, {"property", "guest-stats"}}), "DeviceNotFound",
+               "Device '/machine/peripheral/balloon0' not found");
+  vm_.has_balloon = true;
+  // Before the guest reports: last-update 0 and every statistic unknown, (uint64_t)-1 as QEMU.
+  json stats = ret("qom-get", {{"path", path}, {"property", "guest-stats"}});
+  EXPECT_EQ(stats["last-update"], 0);
+  ASSERT_EQ(stats["stats"].size(), 10u);
+  EXPECT_EQ(stats["stats"]["stat-free-memory"], UINT64_MAX);
+  vm_.set_balloon_stats({1700000000, {{4, 1u << 20}, {5, 64u << 20}, {9, 0}}});
+  stats = ret("qom-get", {{"path", "balloon0"}, {"property", "guest-stats"}});
+  EXPECT_EQ(stats["last-update"], 1700000000);
+  EXPECT_EQ(stats["stats"]["stat-free-memory"], 1u << 20);
+  EXPECT_EQ(stats["stats"]["stat-total-memory"], 64u << 20);
+  EXPECT_EQ(stats["stats"]["stat-htlb-pgfail"], 0);
+  EXPECT_EQ(stats["stats"]["stat-swap-in"], UINT64_MAX);
+
+  const json interval = "guest-stats-polling-interval";
+  EXPECT_EQ(ret("qom-get", {{"path", path}, {"property", interval}}), 0);
+  EXPECT_EQ(ret("qom-set", {{"path", path}, {"property", interval}, {"value", 2}}), json::object());
+  EXPECT_EQ(ret("qom-get", {{"path", path}, {"property", interval}}), 2);
+  expect_error(exec("qom-set", {{"path", path}, {"property", interval}, {"value", -1}}),
+               "GenericError", "timer value must be greater than zero");
+  expect_error(exec("qom-set", {{"path", path}, {"property", interval}, {"value", 1ll << 32}}),
+               "GenericError", "timer value is too big");
+  expect_error(exec("qom-set", {{"path", path}, {"property", interval}, {"value", 1.5}}),
+               "GenericError",
+               "Invalid parameter type for 'guest-stats-polling-interval', expected: integer");
+  EXPECT_EQ(ret("qom-get", {{"path", path}, {"property", interval}}), 2);
+  expect_error(exec("qom-set", {{"path", path}, {"property", "guest-stats"}, {"value", 1}}),
+               "GenericError", "Property 'virtio-balloon-device.guest-stats' is not writable");
+  expect_error(exec("qom-get", {{"path", path}, {"property", "foo"}}), "GenericError",
+               "Property 'virtio-balloon-pci.foo' not found");
+  expect_error(exec("qom-get", {{"path", "/machine/peripheral/nothere"}, {"property", "type"}}),
+               "DeviceNotFound", "Device '/machine/peripheral/nothere' not found");
+  expect_error(exec("qom-set", {{"path", path}, {"property", interval}}), "GenericError",
+               "Parameter 'value' is missing");
+  EXPECT_EQ(ret("qom-get", {{"path", path}, {"property", "type"}}), "virtio-balloon-pci");
+  std::set<std::string> listed;
+  for (const auto& entry : ret("qom-list", {{"path", path}})) listed.insert(entry["name"]);
+  EXPECT_EQ(listed, (std::set<std::string>{"type", "guest-stats", "guest-stats-polling-interval"}));
 }
 
 TEST_F(QmpSessionTest, ArgumentValidationTexts) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -125,6 +126,12 @@ struct BlockStats {
            invalid_unmap_operations = 0;
 };
 
+// The guest's memory statistics as its balloon driver last reported them (QOM "guest-stats").
+struct BalloonStats {
+  int64_t last_update = 0;              // host time of the report, seconds since the epoch; 0: none
+  std::map<uint16_t, uint64_t> values;  // by VIRTIO_BALLOON_S_* tag, as the guest reported them
+};
+
 struct MemorySizeSummary {
   uint64_t base_memory = 0;
   uint64_t plugged_memory = 0;
@@ -160,6 +167,12 @@ class VmControl {
   virtual bool balloon(uint64_t target_bytes) = 0;
   // The guest's current size as the balloon sees it; nullopt when there is no balloon device.
   virtual std::optional<uint64_t> query_balloon() const = 0;
+  // The balloon's statistics and their polling interval in seconds (0: not polling); nullopt
+  // when there is no balloon device.
+  virtual std::optional<BalloonStats> balloon_stats() const { return std::nullopt; }
+  virtual std::optional<uint32_t> balloon_stats_interval() const { return std::nullopt; }
+  // Asks the guest for fresh statistics every `seconds` (0 stops); false without a balloon.
+  virtual bool set_balloon_stats_interval(uint32_t /*seconds*/) { return false; }
 };
 
 }  // namespace kiln::control

@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -338,6 +339,8 @@ struct Machine::Impl {
   std::vector<AttachedDisk> disks;
   std::shared_ptr<devices::virtio::VirtioConsole> virtio_console;
   std::shared_ptr<devices::virtio::VirtioBalloon> balloon;
+  // Fires every guest-stats-polling-interval seconds on the device loop: ask for statistics.
+  UniqueFd balloon_stats_timer;
   std::vector<std::unique_ptr<hv::Vcpu>> vcpus;
   std::vector<std::thread> threads;
 
@@ -359,6 +362,7 @@ struct Machine::Impl {
   void create_devices();
   void create_pci_devices();
   void add_virtio(std::shared_ptr<devices::virtio::VirtioDevice> model);
+  void watch_balloon_stats_timer();
   x86::LoadedKernel load_kernel();
   void create_vcpus(const x86::LoadedKernel& kernel);
   void vcpu_loop(hv::Vcpu& vcpu);
@@ -447,11 +451,23 @@ void Machine::Impl::create_pci_devices() {
     balloon =
         std::make_shared<virtio::VirtioBalloon>(config.memory_bytes, config.balloon_deflate_on_oom);
     add_virtio(balloon);
+    watch_balloon_stats_timer();
   }
   if (config.vsock_cid)
     add_virtio(std::make_shared<virtio::VirtioVsock>(
         *config.vsock_cid, open_vhost_vsock(*config.vsock_cid), device_loop));
   device_loop.start_thread();
+}
+
+void Machine::Impl::watch_balloon_stats_timer() {
+  balloon_stats_timer.reset(timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK));
+  if (!balloon_stats_timer)
+    throw std::system_error(errno, std::generic_category(), "timerfd for balloon statistics");
+  device_loop.add(balloon_stats_timer.get(), [this](uint32_t) {
+    uint64_t expirations;
+    if (::read(balloon_stats_timer.get(), &expirations, sizeof(expirations)) > 0)
+      balloon->request_stats();  // false while the guest still holds the last request
+  });
 }
 
 x86::LoadedKernel Machine::Impl::load_kernel() {
@@ -748,6 +764,22 @@ bool Machine::set_balloon_target(uint64_t bytes) {
 std::optional<uint64_t> Machine::balloon_actual() const {
   if (!impl_->balloon) return std::nullopt;
   return impl_->balloon->actual_bytes();
+}
+
+std::optional<control::BalloonStats> Machine::balloon_stats() const {
+  if (!impl_->balloon) return std::nullopt;
+  auto report = impl_->balloon->stats();
+  return control::BalloonStats{report.updated_at, std::move(report.values)};
+}
+
+bool Machine::set_balloon_stats_interval(uint32_t seconds) {
+  if (!impl_->balloon) return false;
+  itimerspec period{};
+  period.it_interval.tv_sec = seconds;
+  period.it_value.tv_sec = seconds;  // 0 disarms
+  if (timerfd_settime(impl_->balloon_stats_timer.get(), 0, &period, nullptr) != 0)
+    throw std::system_error(errno, std::generic_category(), "arming the balloon statistics timer");
+  return true;
 }
 
 void Machine::set_balloon_listener(std::function<void(uint64_t)> listener) {

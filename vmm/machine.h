@@ -77,6 +77,10 @@ class Machine {
   bool set_balloon_target(uint64_t bytes);
   // The guest's size as the balloon reports it; nullopt without a balloon device.
   std::optional<uint64_t> balloon_actual() const;
+  // The guest's last memory statistics; nullopt without a balloon device.
+  std::optional<control::BalloonStats> balloon_stats() const;
+  // Asks the guest for statistics every `seconds` (0 stops); false without a balloon device.
+  bool set_balloon_stats_interval(uint32_t seconds);
   // Called with the guest's new size whenever its balloon driver reports one (vCPU thread).
   void set_balloon_listener(std::function<void(uint64_t)> listener);
 

@@ -33,7 +33,12 @@ void VmController::set_event_sink(EventSink sink) {
 
 void VmController::attach(Machine* machine) {
   std::lock_guard lock(mutex_);
+  // As QEMU's device, statistics outlive a reboot until the guest reports new ones.
+  if (machine_ && !machine)
+    last_balloon_stats_ = machine_->balloon_stats().value_or(last_balloon_stats_);
   machine_ = machine;
+  if (machine && balloon_stats_interval_)
+    machine->set_balloon_stats_interval(balloon_stats_interval_);
   // BALLOON_CHANGE comes from a vCPU thread: it goes to the sink directly, never through
   // mutex_ (which stop() holds while it waits for the vCPUs).
   if (machine && sink_)
@@ -171,6 +176,30 @@ std::optional<uint64_t> VmController::query_balloon() const {
   std::lock_guard lock(mutex_);
   // Between machines (a reboot) the guest has all its RAM.
   return machine_ ? machine_->balloon_actual() : std::optional<uint64_t>(config_.memory_bytes);
+}
+
+std::optional<control::BalloonStats> VmController::balloon_stats() const {
+  if (!config_.balloon) return std::nullopt;
+  std::lock_guard lock(mutex_);
+  if (machine_) {
+    auto stats = machine_->balloon_stats();
+    if (stats && stats->last_update) return stats;
+  }
+  return last_balloon_stats_;
+}
+
+std::optional<uint32_t> VmController::balloon_stats_interval() const {
+  if (!config_.balloon) return std::nullopt;
+  std::lock_guard lock(mutex_);
+  return balloon_stats_interval_;
+}
+
+bool VmController::set_balloon_stats_interval(uint32_t seconds) {
+  if (!config_.balloon) return false;
+  std::lock_guard lock(mutex_);
+  balloon_stats_interval_ = seconds;
+  if (machine_) machine_->set_balloon_stats_interval(seconds);
+  return true;
 }
 
 }  // namespace kiln::vmm

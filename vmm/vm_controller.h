@@ -45,6 +45,9 @@ class VmController : public control::VmControl {
   void quit() override;
   bool balloon(uint64_t target_bytes) override;
   std::optional<uint64_t> query_balloon() const override;
+  std::optional<control::BalloonStats> balloon_stats() const override;
+  std::optional<uint32_t> balloon_stats_interval() const override;
+  bool set_balloon_stats_interval(uint32_t seconds) override;
 
  private:
   void emit(std::string_view name, nlohmann::json data = nullptr);
@@ -53,6 +56,8 @@ class VmController : public control::VmControl {
   const VmConfig& config_;
   mutable std::mutex mutex_;
   Machine* machine_ = nullptr;
+  uint32_t balloon_stats_interval_ = 0;       // kept across reboots, applied to each new machine
+  control::BalloonStats last_balloon_stats_;  // the previous machine's, until the new one reports
   bool shut_down_ = false;
   EventSink sink_;
 };

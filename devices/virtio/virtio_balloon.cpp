@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <ctime>
 #include <stdexcept>
 #include <vector>
 
@@ -202,7 +203,9 @@ void VirtioBalloon::stats_locked(Queue& queue) {
     }
     std::vector<uint8_t> bytes = readable_bytes(chain);
     for (size_t i = 0; i + kBalloonStatSize <= bytes.size(); i += kBalloonStatSize)
-      stats_[uint16_t(bytes[i] | bytes[i + 1] << 8)] = load_le64(&bytes[i + 2]);
+      stats_.values[uint16_t(bytes[i] | bytes[i + 1] << 8)] = load_le64(&bytes[i + 2]);
+    // The host's clock, not anything the guest wrote: a buggy guest cannot fake freshness.
+    stats_.updated_at = int64_t(std::time(nullptr));
     metrics_.stats_updates++;
     stats_head_ = chain.head;
   }
@@ -224,7 +227,7 @@ bool VirtioBalloon::request_stats() {
   return true;
 }
 
-std::map<uint16_t, uint64_t> VirtioBalloon::stats() const {
+BalloonStatsReport VirtioBalloon::stats() const {
   std::lock_guard lock(mutex_);
   return stats_;
 }

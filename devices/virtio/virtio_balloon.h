@@ -50,6 +50,12 @@ struct BalloonMetrics {
   std::atomic<uint64_t> stats_updates{0};
 };
 
+// What the guest last reported on the statistics queue.
+struct BalloonStatsReport {
+  int64_t updated_at = 0;               // host wall-clock seconds of the report; 0: none yet
+  std::map<uint16_t, uint64_t> values;  // by BalloonStat tag; tags the guest did not send absent
+};
+
 struct BalloonState {
   static constexpr uint32_t kVersion = 1;
   uint32_t version = kVersion;
@@ -95,8 +101,9 @@ class VirtioBalloon : public VirtioDevice {
   // Gives the guest's statistics buffer back so that it refills it; false when the driver has
   // none outstanding (no STATS_VQ, or not up yet). The new figures arrive asynchronously.
   bool request_stats();
-  // The last statistics the guest reported, by tag.
-  std::map<uint16_t, uint64_t> stats() const;
+  // The last statistics the guest reported. A statistic keeps its last value when a later
+  // report leaves it out.
+  BalloonStatsReport stats() const;
 
   const BalloonMetrics& metrics() const { return metrics_; }
   BalloonState save() const;
@@ -118,7 +125,7 @@ class VirtioBalloon : public VirtioDevice {
   bool active_ = false;
   VirtioActivation activation_;
   std::optional<uint16_t> stats_head_;  // the driver's stats buffer we hold
-  std::map<uint16_t, uint64_t> stats_;
+  BalloonStatsReport stats_;
   BalloonMetrics metrics_;
   RateLimitedLog log_;
 };

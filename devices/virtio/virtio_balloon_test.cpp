@@ -148,18 +148,23 @@ TEST(VirtioBalloon, StatisticsAreHeldAndReturnedOnRequest) {
     g.statsq.add_chain({{0x130000, sizeof(buf), false}}, head);
     g.driver.notify(kBalloonStatsQueue);
   };
+  EXPECT_EQ(g.balloon->stats().updated_at, 0);
+  const int64_t before = int64_t(time(nullptr));
   post(3 << 20, 0);
   for (int i = 0; i < 500 && g.balloon->metrics().stats_updates == 0; ++i) usleep(1000);
   auto stats = g.balloon->stats();
-  EXPECT_EQ(stats[uint16_t(BalloonStat::kFreeMemory)], 3u << 20);
-  EXPECT_EQ(stats[uint16_t(BalloonStat::kTotalMemory)], 15u << 20);
+  EXPECT_EQ(stats.values[uint16_t(BalloonStat::kFreeMemory)], 3u << 20);
+  EXPECT_EQ(stats.values[uint16_t(BalloonStat::kTotalMemory)], 15u << 20);
+  EXPECT_EQ(stats.values.size(), 2u);  // tags the guest did not send stay unknown
+  EXPECT_GE(stats.updated_at, before);
+  EXPECT_LE(stats.updated_at, int64_t(time(nullptr)));
   EXPECT_EQ(g.statsq.used_idx(), 0);  // the device keeps the buffer until it wants new figures
   ASSERT_TRUE(g.balloon->request_stats());
   EXPECT_EQ(g.statsq.used_idx(), 1);
   EXPECT_FALSE(g.balloon->request_stats());  // the driver has not refilled it yet
   post(5 << 20, 1);
   for (int i = 0; i < 500 && g.balloon->metrics().stats_updates < 2; ++i) usleep(1000);
-  EXPECT_EQ(g.balloon->stats()[uint16_t(BalloonStat::kFreeMemory)], 5u << 20);
+  EXPECT_EQ(g.balloon->stats().values[uint16_t(BalloonStat::kFreeMemory)], 5u << 20);
 }
 
 TEST(VirtioBalloon, BrokenChainNeedsReset) {

@@ -207,6 +207,20 @@ class Devices(unittest.TestCase):
             # As QEMU, each size the driver reports is a BALLOON_CHANGE event.
             qmp.wait_event("BALLOON_CHANGE", lambda data: data["actual"] == 192 << 20)
             rss_inflated = vm_rss_kib(run.proc.pid)
+            # The guest's own statistics, polled every second as a QEMU user would ask for them.
+            balloon = "/machine/peripheral/balloon0"
+            self.assertEqual(qmp.command("qom-set", path=balloon,
+                                         property="guest-stats-polling-interval",
+                                         value=1)["return"], {})
+            polling_since = time.time()
+            guest_stats = None
+            for _ in range(600):
+                guest_stats = qmp.command("qom-get", path=balloon,
+                                          property="guest-stats")["return"]
+                if (guest_stats["last-update"] >= int(polling_since) and
+                        guest_stats["stats"]["stat-total-memory"] <= 250000 * 1024):
+                    break
+                time.sleep(0.1)
             self.assertIn("return", qmp.command("balloon", value=512 << 20))
             run.wait_for("restored=", 120)
             # The console client stays connected while the guest powers off: kiln must exit.
@@ -225,6 +239,13 @@ class Devices(unittest.TestCase):
         print(f"boot to hvc0 {booted - started:.1f}s; vsock echo of 1 MiB {echo_seconds:.2f}s; "
               f"guest MemTotal {before} -> {inflated} -> {restored} KiB; "
               f"kiln VmRSS {rss_before} -> {rss_inflated} KiB", file=sys.stderr)
+        # Statistics taken while inflated: the guest's MemTotal, in bytes, from a fresh report.
+        stats = guest_stats["stats"]
+        self.assertEqual(stats["stat-total-memory"], inflated * 1024, guest_stats)
+        self.assertLess(stats["stat-free-memory"], stats["stat-total-memory"])
+        self.assertLessEqual(stats["stat-available-memory"], stats["stat-total-memory"])
+        self.assertGreater(stats["stat-minor-faults"], 0)
+        self.assertLessEqual(guest_stats["last-update"], time.time())
         # 320 MiB went into the balloon: MemTotal and the host's resident memory both drop.
         self.assertLess(inflated, before - 300 * 1024)
         self.assertEqual(restored, before)
