@@ -5,13 +5,11 @@
 
 #include <cstdio>
 
+#include "base/math.h"
 #include "img/common.h"
 
 namespace kiln::img {
 namespace {
-
-uint64_t div_round_up(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
-uint64_t round_up(uint64_t a, uint64_t b) { return div_round_up(a, b) * b; }
 
 // qcow2_refcount_metadata_size(): the fixed point where refcount blocks and table cover every
 // cluster, themselves included.

@@ -7,14 +7,13 @@
 #include <string>
 
 #include "base/errors.h"
+#include "base/math.h"
 
 namespace kiln::memory {
 namespace {
 
 constexpr uint64_t kPageSize = 4096;
 constexpr uint64_t kHugePageSize = 2ull << 20;
-
-uint64_t round_up(uint64_t value, uint64_t align) { return (value + align - 1) / align * align; }
 
 uint8_t* map_region(uint64_t size, const Options& options) {
   int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "arch/x86/boot.h"
+#include "base/math.h"
 
 namespace kiln::x86 {
 namespace {
@@ -148,8 +149,6 @@ uint64_t trimmed_size(std::span<const uint8_t> bytes) {
   return uint64_t(bytes.rend() - last);
 }
 
-uint64_t align_up(uint64_t value, uint64_t align) { return (value + align - 1) / align * align; }
-
 // One program header (ELF64 layout, as in the System V gABI).
 void put_phdr(std::vector<uint8_t>& out, size_t at, const ElfSegment& seg, uint64_t vaddr) {
   put<uint32_t>(out, at, kPtLoad);
@@ -173,7 +172,7 @@ std::vector<uint8_t> compact_vmlinux(std::span<const uint8_t> elf) {
     ElfSegment out = seg;
     out.filesz = trimmed_size(elf.subspan(seg.offset, seg.filesz));
     // p_offset stays congruent to the address modulo the page size, as the gABI asks.
-    out.offset = align_up(end, kPage) + seg.paddr % kPage;
+    out.offset = round_up(end, kPage) + seg.paddr % kPage;
     end = out.offset + out.filesz;
     packed.push_back(out);
   }

@@ -4,15 +4,11 @@
 
 #include <algorithm>
 
+#include "base/math.h"
 #include "block/qcow2/file_io.h"
 #include "block/qcow2/qcow2.h"
 
 namespace kiln::block::qcow2 {
-namespace {
-
-uint64_t div_round_up(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
-
-}  // namespace
 
 void Image::note_allocation(uint64_t cluster) {
   if (check_in_use_ && cluster < check_in_use_->size()) (*check_in_use_)[cluster] += 1;

@@ -7,13 +7,12 @@
 #include <cstdlib>
 
 #include "base/errors.h"
+#include "base/math.h"
 #include "block/qcow2/file_io.h"
 #include "block/qcow2/qcow2.h"
 
 namespace kiln::block::qcow2 {
 namespace {
-
-uint64_t div_round_up(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
 uint32_t log2_exact(uint64_t v, const char* what) {
   if (v == 0 || (v & (v - 1)) != 0)
