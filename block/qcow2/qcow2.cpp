@@ -13,6 +13,7 @@
 #include <system_error>
 
 #include "base/errors.h"
+#include "base/math.h"
 #include "block/qcow2/file_io.h"
 
 namespace kiln::block::qcow2 {
@@ -20,8 +21,6 @@ namespace {
 
 constexpr uint64_t kDefaultMaxL2Cache = 32ull << 20;
 constexpr size_t kMaxChainDepth = 256;  // far beyond real use; bounds fds and recursion
-
-uint64_t div_round_up(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
 UniqueFd open_file(const std::string& path, bool read_only, CacheMode cache) {
   // CacheMode::kNone is accepted but not mapped to O_DIRECT: metadata I/O here uses unaligned
@@ -894,6 +893,10 @@ void Image::write_zeroes(uint64_t offset, uint64_t length, bool may_unmap) {
   if (offset > header_.size || length > header_.size - offset) {
     throw std::system_error(EINVAL, std::generic_category(), "write past the end of the image");
   }
+  write_zeroes_locked(offset, length, may_unmap);
+}
+
+void Image::write_zeroes_locked(uint64_t offset, uint64_t length, bool may_unmap) {
   const uint64_t end = offset + length;
   while (offset < end) {
     const uint64_t in_cluster = offset % cluster_size_;
@@ -955,38 +958,52 @@ void Image::flush() {
 void Image::resize(uint64_t new_size) {
   std::lock_guard lock(mu_);
   if (read_only_) throw std::system_error(EROFS, std::generic_category(), "image is read-only");
-  if (new_size < header_.size) throw Qcow2Error("qcow2 images can only grow");
+  resize_locked(new_size);
+}
+
+void Image::resize_locked(uint64_t new_size) {
+  if (new_size < header_.size) {
+    shrink_locked(new_size);
+    return;
+  }
   if (new_size > kMaxVirtualSize) throw Qcow2Error("Image size too large");
   flush_locked();
   const uint64_t l1_needed = div_round_up(new_size, cluster_size_ * l2_entries());
   if (l1_needed * 8 > kMaxL1Bytes) throw Qcow2Error("Image size too large for the L1 table");
-  if (l1_needed > l1_.size()) {
-    // New table elsewhere; the header switches to it only once it and its refcounts are on disk.
-    const uint64_t clusters = div_round_up(l1_needed * 8, cluster_size_);
-    const uint64_t new_offset = alloc_clusters(clusters);
-    std::vector<uint8_t> raw(clusters * cluster_size_, 0);
-    for (size_t i = 0; i < l1_.size(); ++i) store_be64(&raw[i * 8], l1_[i]);
-    pwrite_all(fd_.get(), raw, new_offset);
-    flush_refcounts();
-    sync_file();
-    const uint64_t old_offset = header_.l1_table_offset;
-    const uint64_t old_clusters = div_round_up(l1_.size() * 8, cluster_size_);
-    header_.l1_table_offset = new_offset;
-    header_.l1_size = uint32_t(l1_needed);
-    header_.size = new_size;
-    l1_.resize(l1_needed, 0);
-    write_header();
-    sync_file();
-    if (l1_.size() > 0 && old_offset != 0) {
-      for (uint64_t c = 0; c < old_clusters; ++c)
-        deferred_frees_.push_back(old_offset + c * cluster_size_);
-    }
-    flush_locked();
-    return;
-  }
+  if (l1_needed > l1_.size()) grow_l1_locked(l1_needed);
+  const uint64_t old_size = header_.size;
   header_.size = new_size;
   write_header();
   sync_file();
+  // The new area reads as zeros, not as whatever a longer backing file holds there (QEMU
+  // writes zero clusters over it too).
+  if (backing_ && backing_->size() > old_size && new_size > old_size) {
+    write_zeroes_locked(old_size, new_size - old_size, false);
+    flush_locked();
+  }
+}
+
+void Image::grow_l1_locked(uint64_t entries) {
+  // New table elsewhere; the header switches to it only once it and its refcounts are on disk.
+  const uint64_t clusters = div_round_up(entries * 8, cluster_size_);
+  const uint64_t new_offset = alloc_clusters(clusters);
+  std::vector<uint8_t> raw(clusters * cluster_size_, 0);
+  for (size_t i = 0; i < l1_.size(); ++i) store_be64(&raw[i * 8], l1_[i]);
+  pwrite_all(fd_.get(), raw, new_offset);
+  flush_refcounts();
+  sync_file();
+  const uint64_t old_offset = header_.l1_table_offset;
+  const uint64_t old_clusters = div_round_up(l1_.size() * 8, cluster_size_);
+  header_.l1_table_offset = new_offset;
+  header_.l1_size = uint32_t(entries);
+  l1_.resize(entries, 0);
+  write_header();
+  sync_file();
+  if (old_offset != 0) {
+    for (uint64_t c = 0; c < old_clusters; ++c)
+      deferred_frees_.push_back(old_offset + c * cluster_size_);
+  }
+  flush_locked();
 }
 
 void Image::make_empty() {

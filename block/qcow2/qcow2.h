@@ -178,7 +178,8 @@ class Image : public SyncImage {
   void write_zeroes(uint64_t offset, uint64_t length, bool may_unmap);
   void discard(uint64_t offset, uint64_t length);
   void flush();
-  // Grows the virtual size (shrinking is refused), relocating the L1 table when it must grow.
+  // Changes the virtual size. Growing relocates the L1 table when it must grow; shrinking
+  // (qcow2_shrink.cpp) drops every cluster past the new end, as qemu-img resize --shrink does.
   void resize(uint64_t new_size);
   CheckResult check(RepairMode mode);
   // The internal snapshot table, validated (Qcow2Error for entries past the file's end).
@@ -279,6 +280,13 @@ class Image : public SyncImage {
   uint64_t alloc_clusters(uint64_t count);
   void flush_refcounts();
   void flush_locked();
+  void resize_locked(uint64_t new_size);
+  void write_zeroes_locked(uint64_t offset, uint64_t length, bool may_unmap);
+  void grow_l1_locked(uint64_t entries);
+  void shrink_locked(uint64_t new_size);
+  void drop_l2_table_locked(uint64_t l1_index);
+  void drop_empty_refcount_blocks_locked();
+  void truncate_after_last_cluster_locked();
   void apply_deferred_frees();
   void sync_file();
 

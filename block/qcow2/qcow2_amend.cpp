@@ -10,13 +10,12 @@
 #include <cstring>
 
 #include "base/errors.h"
+#include "base/math.h"
 #include "block/qcow2/file_io.h"
 #include "block/qcow2/qcow2.h"
 
 namespace kiln::block::qcow2 {
 namespace {
-
-uint64_t div_round_up(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
 // Refcount `cluster` = `value` in refcount blocks laid out contiguously in memory.
 void store_refcount(std::vector<uint8_t>& blocks, uint64_t cluster, uint32_t order,
@@ -55,7 +54,6 @@ void Image::amend(const AmendOptions& a) {
   }
   if (a.size && *a.size != header_.size) {
     if (*a.size % 512 != 0) throw Qcow2Error("The new size must be a multiple of 512");
-    if (*a.size < header_.size) throw Qcow2Error("shrinking a qcow2 image is not supported");
     resize(*a.size);
   }
 

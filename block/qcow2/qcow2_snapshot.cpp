@@ -7,6 +7,7 @@
 #include <cstring>
 #include <system_error>
 
+#include "base/math.h"
 #include "block/qcow2/file_io.h"
 #include "block/qcow2/qcow2.h"
 
@@ -14,7 +15,6 @@ namespace kiln::block::qcow2 {
 
 namespace {
 constexpr uint32_t kMaxSnapshotExtraData = 1024;  // QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA
-uint64_t div_round_up(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 }  // namespace
 
 std::vector<SnapshotInfo> Image::snapshots() {
@@ -265,9 +265,10 @@ void Image::apply_snapshot(const std::string& id_or_name) {
   flush_locked();
   auto list = read_snapshots_locked();
   const SnapshotInfo info = list[find_snapshot(list, id_or_name, true)].info;
-  if (info.disk_size != header_.size || info.l1_size > l1_.size()) {
-    throw Qcow2Error("snapshots of another virtual size cannot be applied");
-  }
+  // The image takes the snapshot's size first, as QEMU does: what the current L1 maps past a
+  // smaller size is dropped anyway, and a larger one needs room in the L1 table.
+  if (info.disk_size != header_.size) resize_locked(info.disk_size);
+  if (info.l1_size > l1_.size()) grow_l1_locked(info.l1_size);
   std::vector<uint64_t> sn_l1 = read_l1(info.l1_table_offset, info.l1_size);
   update_snapshot_refcounts(sn_l1, 1, false);
   std::vector<uint64_t> old_l1 = l1_;
