@@ -188,29 +188,39 @@ void VirtioBalloon::deflate_locked(Queue& queue) {
 // The driver keeps one stats buffer with the device; the device returns it to ask for fresh
 // figures, the driver refills it and adds it again (spec 5.5.6.3).
 void VirtioBalloon::stats_locked(Queue& queue) {
-  const memory::GuestMemory& memory = *activation_.memory;
   DescriptorChain chain;
   Queue::PopStatus status;
-  while ((status = queue.pop(memory, chain)) == Queue::PopStatus::kChain) {
-    if (stats_head_) {
-      // A second buffer while we hold one: give the older one back unread.
-      log_.warn("virtio-balloon: driver queued a second statistics buffer");
-      if (!queue.add_used(memory, *stats_head_, 0)) {
-        activation_.interrupt->needs_reset("virtio-balloon: used ring unwritable");
-        return;
-      }
-      if (queue.needs_notification()) activation_.interrupt->signal_queue(kBalloonStatsQueue);
+  // Re-arming the notification (avail_event under EVENT_IDX) is what makes the driver kick
+  // for its next report; without it a Linux guest refills the buffer and never says so.
+  do {
+    while ((status = queue.pop(*activation_.memory, chain)) == Queue::PopStatus::kChain) {
+      if (!take_stats_locked(queue, chain)) return;
     }
-    std::vector<uint8_t> bytes = readable_bytes(chain);
-    for (size_t i = 0; i + kBalloonStatSize <= bytes.size(); i += kBalloonStatSize)
-      stats_.values[uint16_t(bytes[i] | bytes[i + 1] << 8)] = load_le64(&bytes[i + 2]);
-    // The host's clock, not anything the guest wrote: a buggy guest cannot fake freshness.
-    stats_.updated_at = int64_t(std::time(nullptr));
-    metrics_.stats_updates++;
-    stats_head_ = chain.head;
+    if (status == Queue::PopStatus::kError) {
+      activation_.interrupt->needs_reset("virtio-balloon statsq: " + queue.error());
+      return;
+    }
+  } while (queue.enable_notification());
+}
+
+bool VirtioBalloon::take_stats_locked(Queue& queue, const DescriptorChain& chain) {
+  if (stats_head_) {
+    // A second buffer while we hold one: give the older one back unread.
+    log_.warn("virtio-balloon: driver queued a second statistics buffer");
+    if (!queue.add_used(*activation_.memory, *stats_head_, 0)) {
+      activation_.interrupt->needs_reset("virtio-balloon: used ring unwritable");
+      return false;
+    }
+    if (queue.needs_notification()) activation_.interrupt->signal_queue(kBalloonStatsQueue);
   }
-  if (status == Queue::PopStatus::kError)
-    activation_.interrupt->needs_reset("virtio-balloon statsq: " + queue.error());
+  std::vector<uint8_t> bytes = readable_bytes(chain);
+  for (size_t i = 0; i + kBalloonStatSize <= bytes.size(); i += kBalloonStatSize)
+    stats_.values[uint16_t(bytes[i] | bytes[i + 1] << 8)] = load_le64(&bytes[i + 2]);
+  // The host's clock, not anything the guest wrote: a buggy guest cannot fake freshness.
+  stats_.updated_at = int64_t(std::time(nullptr));
+  metrics_.stats_updates++;
+  stats_head_ = chain.head;
+  return true;
 }
 
 bool VirtioBalloon::request_stats() {

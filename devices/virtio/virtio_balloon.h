@@ -113,6 +113,8 @@ class VirtioBalloon : public VirtioDevice {
   void inflate_locked(Queue& queue);
   void deflate_locked(Queue& queue);
   void stats_locked(Queue& queue);
+  // Keeps one report's buffer; false when the queue broke.
+  bool take_stats_locked(Queue& queue, const DescriptorChain& chain);
   void release_pages_locked(const std::vector<uint32_t>& pfns);
   void discard_run_locked(uint64_t gpa, uint64_t pages);
 

@@ -14,7 +14,7 @@ constexpr uint64_t kPfnBuffer = 0x10000;
 
 // A guest with the balloon driver up: inflate/deflate (and stats, if asked) queues set up.
 struct BalloonGuest {
-  explicit BalloonGuest(bool stats = false)
+  explicit BalloonGuest(bool stats = false, uint64_t ring_features = 0)
       : balloon(std::make_shared<VirtioBalloon>(kRam)),
         transport(std::make_shared<VirtioPciDevice>(balloon, m.memory, m.msi, m.loop, &m.notify)),
         driver(m, m.root.add(transport)),
@@ -22,7 +22,7 @@ struct BalloonGuest {
         deflate(m.memory, 8, 0x110000, 0x111000, 0x112000),
         statsq(m.memory, 8, 0x120000, 0x121000, 0x122000) {
     driver.probe();
-    uint64_t features = kFeatureVersion1 | (stats ? kBalloonFeatureStatsVq : 0);
+    uint64_t features = kFeatureVersion1 | ring_features | (stats ? kBalloonFeatureStatsVq : 0);
     EXPECT_TRUE(driver.negotiate(features));
     driver.setup_queue(kBalloonInflateQueue, inflate);
     driver.setup_queue(kBalloonDeflateQueue, deflate);
@@ -165,6 +165,21 @@ TEST(VirtioBalloon, StatisticsAreHeldAndReturnedOnRequest) {
   post(5 << 20, 1);
   for (int i = 0; i < 500 && g.balloon->metrics().stats_updates < 2; ++i) usleep(1000);
   EXPECT_EQ(g.balloon->stats().values[uint16_t(BalloonStat::kFreeMemory)], 5u << 20);
+}
+
+// Under EVENT_IDX the driver kicks for its refilled buffer only if the device asked for it
+// through avail_event (spec 2.7.10): a Linux guest's second report depends on this.
+TEST(VirtioBalloon, StatisticsQueueAsksForTheNextKick) {
+  BalloonGuest g(true, kFeatureRingEventIdx);
+  uint8_t buf[kBalloonStatSize] = {uint8_t(BalloonStat::kFreeMemory)};
+  g.m.memory.write(0x130000, buf);
+  g.statsq.add_chain({{0x130000, sizeof(buf), false}}, 0);
+  g.driver.notify(kBalloonStatsQueue);
+  for (int i = 0; i < 500 && g.balloon->metrics().stats_updates == 0; ++i) usleep(1000);
+  ASSERT_EQ(g.balloon->metrics().stats_updates, 1u);
+  const uint64_t avail_event = 0x122000 + 4 + 8 * 8;  // after the 8 used elements
+  EXPECT_EQ(g.m.memory.read_obj<uint16_t>(avail_event),
+            std::optional<uint16_t>(1));  // wants a kick for buffer 2
 }
 
 TEST(VirtioBalloon, BrokenChainNeedsReset) {
