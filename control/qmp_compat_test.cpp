@@ -348,7 +348,7 @@ void run_compat(const MachineConfig& config) {
     QemuProcess qemu;
     ASSERT_TRUE(qemu.start(args));
     UniqueFd fd;
-    for (int i = 0; i < 200 && !fd; ++i) {
+    for (int i = 0; i < 600 && !fd; ++i) {  // 30 s: a loaded CI host starts QEMU slowly
       fd = QmpTestClient::connect_unix(qemu_socket);
       if (!fd) std::this_thread::sleep_for(50ms);
       ASSERT_TRUE(fd || qemu.alive()) << "QEMU exited early";
