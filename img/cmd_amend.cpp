@@ -110,6 +110,11 @@ int cmd_amend(int argc, char** argv) {
   if (options.empty()) {
     throw UsageError("Must specify options (-o)\nTry 'kiln-img --help' for more information");
   }
+  // With -f, the option list needs no image (as in qemu-img); without, the image's format.
+  if (wants_option_help(options) && fmt == "qcow2" && argc == optind) {
+    print_amend_option_help();
+    return 0;
+  }
   if (argc - optind != 1) throw UsageError("Expecting one image file name");
   const std::string file = argv[optind];
 
@@ -123,6 +128,10 @@ int cmd_amend(int argc, char** argv) {
   }
   if (format != "qcow2") {
     throw UsageError(fmt::format("Format driver '{}' does not support option amendment", format));
+  }
+  if (wants_option_help(options)) {
+    print_amend_option_help();
+    return 0;
   }
   const auto amend = parse_amend_options(parse_options(options));
 

@@ -97,6 +97,10 @@ int cmd_create(int argc, char** argv) {
         throw UsageError("Invalid option or missing argument for create");
     }
   }
+  if (wants_option_help(options)) {
+    print_create_option_help(fmt);
+    return 0;
+  }
   if (optind >= argc) throw UsageError("Expecting image file name");
   const std::string file = argv[optind++];
   CreateOptions o;

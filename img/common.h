@@ -20,6 +20,10 @@ class UsageError : public std::runtime_error {
 
 // Parses "-o a=b,c=d" (values may contain ",," for a literal comma, as in qemu-img).
 std::map<std::string, std::string> parse_options(const std::string& text);
+// "-o help" / "-o ?": print the options the format takes (qemu-img's layout) and exit 0.
+bool wants_option_help(const std::string& options);
+void print_create_option_help(const std::string& format);  // UsageError for an unknown format
+void print_amend_option_help();                            // qcow2's; no other format amends
 // qemu's size_to_str(): "388 KiB", "1 GiB".
 std::string human_size(uint64_t bytes);
 
