@@ -62,21 +62,6 @@ int64_t first_nonzero_sector(const uint8_t* a, uint64_t n) {
   return -1;
 }
 
-// QEMU looks through a qcow2 data extent at the host file: a hole there (or the file's end) adds
-// the zero flag, and the extent ends where the host file's data/hole run ends.
-void host_file_status(const std::string& path, uint64_t host, QemuStatus& s) {
-  static std::map<std::string, std::unique_ptr<block::qcow2::RawImage>> files;
-  auto& f = files[path];
-  if (!f) f = block::qcow2::RawImage::open(path, true, true);
-  if (host >= f->size()) {
-    s.flags |= QemuStatus::kZero;
-    return;
-  }
-  const auto e = f->block_status(host, s.length);
-  if (e.kind == ExtentKind::kZero) s.flags |= QemuStatus::kZero;
-  s.length = std::min(s.length, e.length);
-}
-
 }  // namespace
 
 // Block status flags as QEMU's bdrv_block_status_above() reports them for the whole chain; the
@@ -107,7 +92,8 @@ QemuStatus qemu_block_status(SyncImage& top, uint64_t offset, uint64_t bytes) {
     switch (e.kind) {
       case ExtentKind::kData:
         s.flags = QemuStatus::kData | QemuStatus::kOffsetValid | QemuStatus::kAllocated;
-        if (!raw) host_file_status(layer.path(), e.host_offset, s);
+        if (!raw && host_file_hole(layer.path(), e.host_offset, s.length))
+          s.flags |= QemuStatus::kZero;
         break;
       case ExtentKind::kCompressed:
         s.flags = QemuStatus::kData | QemuStatus::kAllocated;

@@ -2,14 +2,28 @@
 #include <fmt/format.h>
 #include <getopt.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <map>
 
 #include "img/common.h"
 
 namespace kiln::img {
 
 using block::qcow2::ExtentKind;
+using block::qcow2::Image;
 using block::qcow2::SyncImage;
+
+bool host_file_hole(const std::string& path, uint64_t host, uint64_t& length) {
+  // One read-only handle per host file for the whole command (map and compare walk many extents).
+  static std::map<std::string, std::unique_ptr<block::qcow2::RawImage>> files;
+  auto& file = files[path];
+  if (!file) file = block::qcow2::RawImage::open(path, true, true);
+  if (host >= file->size()) return true;
+  const auto e = file->block_status(host, length);
+  length = std::min(length, e.length);
+  return e.kind == ExtentKind::kZero;
+}
 
 ChainStatus chain_status(SyncImage& top, uint64_t offset, uint64_t length) {
   ChainStatus s;
@@ -28,6 +42,9 @@ ChainStatus chain_status(SyncImage& top, uint64_t offset, uint64_t length) {
         s.has_offset = true;
         s.offset = e.host_offset;
         s.file = layer->path();
+        if (auto* q = dynamic_cast<Image*>(layer); q && q->looks_metadata_preallocated()) {
+          s.zero = host_file_hole(s.file, s.offset, s.length);
+        }
         return s;
       case ExtentKind::kCompressed:
         s.present = s.data = true;
@@ -138,7 +155,8 @@ int cmd_map(int argc, char** argv) {
   }
   auto hex = [](uint64_t v) { return v ? fmt::format("{:#x}", v) : std::string("0"); };
   for (const auto& e : entries) {
-    if (!e.data || !e.has_offset) continue;
+    if (!e.data || e.zero || !e.has_offset)
+      continue;  // as qemu-img: data that reads as zeros is left out
     fmt::print("{:<16}{:<16}{:<16}{}\n", hex(e.start), hex(e.length), hex(e.offset), e.file);
   }
   return 0;

@@ -41,6 +41,10 @@ struct ChainStatus {
   std::string file;
 };
 ChainStatus chain_status(block::qcow2::SyncImage& top, uint64_t offset, uint64_t length);
+// Looks through a qcow2 data extent at the host file, as QEMU's block status does: true when
+// [host, host + length) starts in a hole or past the file's end (it reads as zeros); `length`
+// shrinks to the run of hole or data that starts at `host`.
+bool host_file_hole(const std::string& path, uint64_t host, uint64_t& length);
 
 // A whole chain's block status as QEMU's bdrv_block_status_above() reports it (flag values are
 // QEMU's BDRV_BLOCK_*): compare -s compares these words.

@@ -599,6 +599,25 @@ Extent Image::block_status(uint64_t offset, uint64_t length) {
   return e;
 }
 
+bool Image::looks_metadata_preallocated() {
+  std::lock_guard lock(mu_);
+  if (metadata_preallocated_) return *metadata_preallocated_;
+  const uint64_t real_clusters = allocated_bytes(fd_.get()) / cluster_size_;
+  const uint64_t threshold = std::max(real_clusters * 10 / 9, real_clusters + 2);
+  const uint64_t end = div_round_up(file_size(), cluster_size_);
+  uint64_t in_use = 0;
+  bool preallocated = false;
+  try {
+    for (uint64_t c = 0; c < end && !preallocated; ++c) {
+      if (get_refcount(c) > 0) preallocated = ++in_use > threshold;
+    }
+  } catch (const Qcow2Error&) {
+    preallocated = false;  // unreadable refcounts: report what the L2 tables say
+  }
+  metadata_preallocated_ = preallocated;
+  return preallocated;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Writing
 

@@ -170,6 +170,10 @@ class Image : public SyncImage {
   void read(uint64_t offset, std::span<uint8_t> buf) override;
   Extent block_status(uint64_t offset, uint64_t length) override;
   SyncImage* backing() const override { return backing_.get(); }
+  // QEMU's test for an image made with preallocation=metadata: more clusters in use than the
+  // file has blocks, by a margin. Its data clusters may then be holes in the host file, which
+  // QEMU's block status (map) reports as zero. Decided once per open, as QEMU does.
+  bool looks_metadata_preallocated();
 
   void write(uint64_t offset, std::span<const uint8_t> buf);
   // Whole, unallocated guest cluster written compressed (qemu-img convert -c); falls back to a
@@ -301,6 +305,7 @@ class Image : public SyncImage {
   Header header_;
   uint64_t cluster_size_ = 0;
   std::unique_ptr<SyncImage> backing_;
+  std::optional<bool> metadata_preallocated_;
 
   std::vector<uint64_t> l1_;
   uint64_t l1_dirty_begin_ = UINT64_MAX, l1_dirty_end_ = 0;
