@@ -23,6 +23,9 @@ namespace {
 
 // Frames moved per wake-up before the loop gets a chance to serve the other queues.
 constexpr int kReceiveBudget = 256;
+// Times one look for receive buffers re-arms the guest's kick and finds the ring changed: a
+// driver moving its avail index back and forth must not keep the device looping.
+constexpr int kRearmLimit = 16;
 
 // What virtio-net itself offers whichever data path runs the rings. Transmit offloads are
 // always safe to offer: the tap (IFF_VNET_HDR) takes partial checksums and GSO frames and
@@ -434,7 +437,7 @@ void VirtioNet::receive_locked() {
 // Without VIRTIO_NET_F_MRG_RXBUF: one frame per chain. True if a chain was used.
 bool VirtioNet::receive_one_locked(Queue& queue) {
   const memory::GuestMemory& memory = *activation_.memory;
-  for (;;) {
+  for (int rearms = 0;;) {
     DescriptorChain chain;
     Queue::PopStatus status = queue.pop(memory, chain);
     if (status == Queue::PopStatus::kError) {
@@ -444,7 +447,10 @@ bool VirtioNet::receive_one_locked(Queue& queue) {
     }
     if (status == Queue::PopStatus::kEmpty) {
       // Re-arm the guest's kick and look once more: buffers posted in between must not wait.
-      if (queue.enable_notification()) continue;
+      if (queue.enable_notification()) {
+        if (++rearms < kRearmLimit) continue;
+        return false;  // still watching the tap: the next wake-up looks again
+      }
       // Nowhere to put frames: stop watching the tap until the guest posts buffers.
       metrics_.rx_pauses++;
       unwatch_backend_locked();
@@ -555,6 +561,7 @@ bool VirtioNet::hold_buffers_locked(MergeState& state, uint64_t want) {
   const memory::GuestMemory& memory = *activation_.memory;
   Queue& queue = state.queue;
   state.pieces_full = false;
+  int rearms = 0;
   while (state.capacity < want && state.count() < queue.size()) {
     DescriptorChain chain;
     Queue::PopStatus status = queue.pop(memory, chain);
@@ -565,7 +572,7 @@ bool VirtioNet::hold_buffers_locked(MergeState& state, uint64_t want) {
     }
     if (status == Queue::PopStatus::kEmpty) {
       // Re-arm the guest's kick and look once more: buffers posted in between must not wait.
-      if (queue.enable_notification()) continue;
+      if (queue.enable_notification() && ++rearms < kRearmLimit) continue;
       return true;
     }
     ChainBuffers buffers(chain, true);
