@@ -10,6 +10,8 @@ and prints the medians side by side with their ratio.
 
   tools/kvm-sandbox -w build/bench -m 3072 -t 1200 -- python3 bench/virtio_bench.py
 
+--rows picks the rows to run (e.g. --rows net for the two iperf3 ones: a few minutes with -n 2).
+
 The backing file lives in the harness's /tmp (tmpfs: no O_DIRECT there, so both VMMs use the host
 page cache, cache=writeback); --disk-dir puts it elsewhere. kiln's and QEMU's net options are
 --kiln-net / --qemu-netdev templates ({tap} and {mac} are filled in), e.g.
@@ -72,18 +74,23 @@ def guest_script(args):
              "cd /sys/block/vda/queue && echo blkq $(cat max_sectors_kb max_segments nr_requests); cd /",
              "echo bench-go"]
     for name, rw, bs, _ in FIO_JOBS:
+        if name not in args.rows:
+            continue
         lines.append("sync; echo 3 > /proc/sys/vm/drop_caches")
         lines.append(f"r {name} fio $F --name={name} --rw={rw} --bs={bs}")
     for name, flag in (("tcp-tx", ""), ("tcp-rx", " -R")):
-        lines.append(f"r {name} iperf $I{flag}")
+        if name in args.rows:
+            lines.append(f"r {name} iperf $I{flag}")
     lines.append(f"echo '{DONE}'")
     return "\n".join(lines) + "\n"
 
 
-def parse_results(console):
+def parse_results(console, rows):
     """{row: value} from the guest's console: fio terse v3 lines and iperf3's receiver lines."""
     results = {}
     for name, _, _, kind in FIO_JOBS:
+        if name not in rows:
+            continue
         match = re.search(rf"^fio-out {name} (3;fio-.*)$", console, re.M)
         if not match:
             raise RuntimeError(f"no fio result for {name}; console:\n{console[-3000:]}")
@@ -91,7 +98,7 @@ def parse_results(console):
         # terse v3: read bw KiB/s and IOPS are fields 6 and 7, write's 47 and 48.
         bw_kib, iops = (fields[47], fields[48]) if name == "seqwrite" else (fields[6], fields[7])
         results[name] = float(bw_kib) / 1024 if kind == "bw" else float(iops)
-    for name in ("tcp-tx", "tcp-rx"):
+    for name in (r for r in ("tcp-tx", "tcp-rx") if r in rows):
         match = re.search(rf"^iperf-out {name} .* ([0-9.]+) Mbits/sec.*receiver$", console, re.M)
         if not match:
             raise RuntimeError(f"no iperf3 result for {name}; console:\n{console[-3000:]}")
@@ -163,12 +170,12 @@ def snapshot(run):
             "threads": thread_cpu_ms(run.proc.pid)}
 
 
-def print_phase_costs(name, snaps, console, results):
+def print_phase_costs(name, phases, snaps, console, results):
     """What each phase cost: the VMM's CPU time, the host KVM's exits and injected interrupts and
     the guest's virtio interrupts, per operation (an I/O for fio, a MiB for iperf3)."""
     print(f"{name} per-phase costs (t: phase wall time in ms, VMM cpu in ms, KVM counters and guest virtio irqs):")
     before = guest_interrupts(console, "go")
-    for phase, (start, end) in zip(PHASES, zip(snaps, snaps[1:])):
+    for phase, (start, end) in zip(phases, zip(snaps, snaps[1:])):
         irqs = guest_interrupts(console, phase)
         delta = {k: end[k] - start.get(k, 0) for k in end if k != "threads"}
         threads = {k: v - start["threads"].get(k, 0) for k, v in end["threads"].items()}
@@ -196,7 +203,7 @@ def report_perf(name, data):
     print("\n".join(line for line in out.splitlines() if line.strip() and not line.startswith("#")))
 
 
-def measure(name, argv, timeout, verbose, perf_phase=None, perf_seconds=8):
+def measure(name, argv, timeout, verbose, rows, perf_phase=None, perf_seconds=8):
     if verbose:
         print(f"{name}: " + " ".join(a if len(a) < 200 else a[:80] + "..." for a in argv), flush=True)
     started = time.monotonic()
@@ -205,7 +212,8 @@ def measure(name, argv, timeout, verbose, perf_phase=None, perf_seconds=8):
         run.wait_for("bench-go", timeout)
         snaps = [snapshot(run)]
         perf = None
-        for phase in PHASES:
+        phases = [phase for phase in PHASES if phase in rows]
+        for phase in phases:
             if phase == perf_phase:
                 time.sleep(3)  # past the cache drop and fio's start
                 perf = start_perf(name, phase, perf_seconds)
@@ -223,14 +231,14 @@ def measure(name, argv, timeout, verbose, perf_phase=None, perf_seconds=8):
     for line in console.splitlines():
         if re.match(r"^(fio|iperf)-rc \S+ [1-9]", line) or "bench-error" in line:
             raise RuntimeError(f"{name}: guest step failed: {line}; console:\n{console[-4000:]}")
-    results = parse_results(console)
+    results = parse_results(console, rows)
     if verbose:
         print("\n".join(line for line in console.splitlines()
                         if re.match(r"^(iperf-out .*(sender|receiver)|feat |blkq )", line)))
         for line in run.stderr.splitlines():
             if "virtio" in line:
                 print(f"{name} stderr: {line}")
-        print_phase_costs(name, snaps, console, results)
+        print_phase_costs(name, phases, snaps, console, results)
     if perf:
         perf[1].wait()
         report_perf(name, perf[0])
@@ -295,7 +303,19 @@ def main():
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="per-phase costs (VMM and thread CPU, KVM exits, guest interrupts)")
     parser.add_argument("--perf", choices=PHASES, help="profile this phase with perf (whole host)")
+    parser.add_argument("--rows", default=",".join(PHASES),
+                        help="comma-separated rows to run (of " + ",".join(PHASES)
+                        + "; 'net' and 'blk' name the iperf3 and the fio ones): a network change"
+                        " need not wait for fio")
     args = parser.parse_args()
+    groups = {"net": ["tcp-tx", "tcp-rx"], "blk": [name for name, _, _, _ in FIO_JOBS]}
+    args.rows = [row for word in args.rows.split(",") if word
+                 for row in groups.get(word, [word])]
+    unknown = [row for row in args.rows if row not in PHASES]
+    if unknown or not args.rows:
+        parser.error(f"--rows: unknown {','.join(unknown)}; choose from {','.join(PHASES)}, net, blk")
+    if args.perf and args.perf not in args.rows:
+        parser.error(f"--perf {args.perf} is not among --rows")
 
     work = "/tmp/virtio-bench"
     os.makedirs(work, exist_ok=True)
@@ -332,7 +352,7 @@ def main():
             # Alternating the order spreads a drift of the host's load over both VMMs.
             for name, argv in (vmms if round_index % 2 == 0 else vmms[::-1]):
                 subprocess.run(["ip", "neigh", "flush", "dev", TAP], check=False)
-                results[name].append(measure(name, argv, timeout, args.verbose, args.perf,
+                results[name].append(measure(name, argv, timeout, args.verbose, args.rows, args.perf,
                                              min(8, args.fio_runtime)))
     finally:
         server.terminate()
@@ -347,6 +367,8 @@ def main():
     print(f"{'':28}" + "".join(f"{n:>10}" for n in names) + ("  kiln/QEMU" if len(names) == 2 else "")
           + ("   min-max per VMM" if args.n > 1 else ""))
     for key, label in ROWS:
+        if key not in args.rows:
+            continue
         values = [statistics.median(r[key] for r in results[n]) for n in names]
         line = f"{label:28}" + "".join(f"{v:10.2f}" for v in values)
         if len(values) == 2:

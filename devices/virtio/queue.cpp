@@ -155,11 +155,21 @@ bool Queue::walk_chain(const memory::GuestMemory& memory, uint16_t head, Descrip
 }
 
 bool Queue::add_used(const memory::GuestMemory& memory, uint16_t head, uint32_t written) {
+  const UsedElement element{head, written};
+  return add_used(memory, std::span(&element, 1));
+}
+
+bool Queue::add_used(const memory::GuestMemory& memory, std::span<const UsedElement> elements) {
   if (!active() || broken_) return false;
-  uint8_t* element = used_ + 4 + 8ull * (next_used_ % size_);
-  store32(element, head);
-  store32(element + 4, written);
-  ++next_used_;
+  // More than a ring's worth would overwrite entries the driver has not read yet.
+  if (elements.size() > size_) return reject("more used elements than the queue holds");
+  for (const UsedElement& used : elements) {
+    uint8_t* element = used_ + 4 + 8ull * (next_used_ % size_);
+    store32(element, used.head);
+    store32(element + 4, used.written);
+    ++next_used_;
+  }
+  if (elements.empty()) return true;
   // Release: the element and the buffers' contents are visible before the driver sees idx.
   store16(used_ + 2, next_used_, std::memory_order_release);
   memory.mark_dirty(used_ring_, used_ring_bytes(size_));

@@ -93,6 +93,14 @@ class Queue {
   // Puts a chain back into the used ring with `written` bytes; false (and broken) if the used
   // ring cannot be written.
   bool add_used(const memory::GuestMemory& memory, uint16_t head, uint32_t written);
+  // Puts several chains back and moves the used index once, so the driver sees all of them or
+  // none (a network packet spread over several receive buffers, spec 5.1.6.4). At most size()
+  // elements.
+  struct UsedElement {
+    uint16_t head;
+    uint32_t written;
+  };
+  bool add_used(const memory::GuestMemory& memory, std::span<const UsedElement> elements);
   // Whether the driver wants an interrupt for the used entries added since the last call
   // (VIRTQ_AVAIL_F_NO_INTERRUPT or, with EVENT_IDX, used_event).
   bool needs_notification();

@@ -219,6 +219,27 @@ TEST_F(QueueTest, NoInterruptFlagSuppressesWithoutEventIdx) {
   EXPECT_FALSE(queue_.needs_notification());
 }
 
+TEST_F(QueueTest, SeveralUsedElementsArePublishedWithOneIndexMove) {
+  activate(true, /*event_idx=*/true);
+  ASSERT_TRUE(queue_.add_used(memory_, 0, 0));  // used idx 1
+  EXPECT_TRUE(queue_.needs_notification());
+  driver_.set_used_event(2);  // wake me when idx passes 2
+  const Queue::UsedElement batch[] = {{5, 100}, {6, 200}, {7, 300}};
+  ASSERT_TRUE(queue_.add_used(memory_, batch));
+  EXPECT_EQ(driver_.used_idx(), 4);
+  EXPECT_EQ(driver_.used_element(1), std::make_pair(5u, 100u));
+  EXPECT_EQ(driver_.used_element(3), std::make_pair(7u, 300u));
+  // One interrupt for the batch, which crossed used_event somewhere inside it.
+  EXPECT_TRUE(queue_.needs_notification());
+  ASSERT_TRUE(queue_.add_used(memory_, std::span<const Queue::UsedElement>()));
+  EXPECT_EQ(driver_.used_idx(), 4);
+  // More than a ring's worth would overwrite entries the driver has not consumed.
+  std::vector<Queue::UsedElement> too_many(kSize + 1, {0, 0});
+  EXPECT_FALSE(queue_.add_used(memory_, too_many));
+  EXPECT_TRUE(queue_.broken());
+  EXPECT_EQ(driver_.used_idx(), 4);
+}
+
 TEST_F(QueueTest, EventIdxSuppressesUntilUsedEventIsCrossed) {
   activate(true, /*event_idx=*/true);
   ASSERT_TRUE(queue_.add_used(memory_, 0, 0));  // used idx 1

@@ -6,12 +6,15 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <climits>
 #include <cstring>
 #include <stdexcept>
 #include <system_error>
+#include <utility>
+#include <vector>
 
 #include "devices/virtio/chain_buffers.h"
 
@@ -20,6 +23,9 @@ namespace {
 
 // Frames moved per wake-up before the loop gets a chance to serve the other queues.
 constexpr int kReceiveBudget = 256;
+// Times one look for receive buffers re-arms the guest's kick and finds the ring changed: a
+// driver moving its avail index back and forth must not keep the device looping.
+constexpr int kRearmLimit = 16;
 
 // What virtio-net itself offers whichever data path runs the rings. Transmit offloads are
 // always safe to offer: the tap (IFF_VNET_HDR) takes partial checksums and GSO frames and
@@ -29,12 +35,14 @@ constexpr uint64_t kNetDeviceFeatures =
     kNetFeatureMac | kNetFeatureStatus | kNetFeatureCsum | kNetFeatureHostTso4 |
     kNetFeatureHostTso6 | kNetFeatureHostEcn | kNetFeatureGuestCsum | kNetFeatureGuestTso4 |
     kNetFeatureGuestTso6 | kNetFeatureGuestEcn;
-// Ring features of the userspace data path.
+// Ring features of either data path, the kernel's masked with what it reports. Merged receive
+// buffers let one 64 KiB GSO frame span several small buffers, so the driver need not post a
+// 64 KiB buffer per receive descriptor.
 constexpr uint64_t kUserspaceRingFeatures =
-    kFeatureVersion1 | kFeatureRingIndirectDesc | kFeatureRingEventIdx;
-// What the kernel data path may add: it merges receive buffers, so one 64 KiB GSO frame no
-// longer needs a 64 KiB buffer per receive descriptor.
-constexpr uint64_t kKernelRingFeatures = kUserspaceRingFeatures | kNetFeatureMrgRxbuf;
+    kFeatureVersion1 | kFeatureRingIndirectDesc | kFeatureRingEventIdx | kNetFeatureMrgRxbuf;
+constexpr uint64_t kKernelRingFeatures = kUserspaceRingFeatures;
+// The longest frame the tap may deliver, virtio_net_hdr included.
+constexpr uint64_t kMaxReceive = kNetHeaderSize + kNetMaxFrame;
 
 bool acked(const VirtioActivation& activation, uint64_t feature) {
   return activation.acked_features & feature;
@@ -109,13 +117,14 @@ VirtioNet::~VirtioNet() {
   const NetMetrics& m = metrics_;
   spdlog::debug(
       "virtio-net {}: tx {} frames {} bytes {} dropped, {} kicks {} interrupts; rx {} frames {} "
-      "bytes, {} tap wake-ups {} kicks {} interrupts, {} pauses, {} bad buffers; {} kernel "
+      "bytes {} dropped, {} tap wake-ups {} kicks {} interrupts, {} pauses, {} bad buffers; {} "
+      "kernel "
       "data path starts ({} rings with direct kicks, {} with direct interrupts)",
       format_mac(mac_), m.tx_packets.load(), m.tx_bytes.load(), m.tx_dropped.load(),
       m.tx_kicks.load(), m.tx_interrupts.load(), m.rx_packets.load(), m.rx_bytes.load(),
-      m.rx_wakeups.load(), m.rx_kicks.load(), m.rx_interrupts.load(), m.rx_pauses.load(),
-      m.rx_bad_buffers.load(), m.kernel_starts.load(), m.kernel_direct_kicks.load(),
-      m.kernel_direct_calls.load());
+      m.rx_dropped.load(), m.rx_wakeups.load(), m.rx_kicks.load(), m.rx_interrupts.load(),
+      m.rx_pauses.load(), m.rx_bad_buffers.load(), m.kernel_starts.load(),
+      m.kernel_direct_kicks.load(), m.kernel_direct_calls.load());
 }
 
 uint64_t VirtioNet::device_features() const {
@@ -148,6 +157,8 @@ bool VirtioNet::activate(const VirtioActivation& activation) {
     return false;
   }
   offloads_ = offloads;
+  merge_ = acked(activation, kNetFeatureMrgRxbuf);
+  pending_ = 0;
   activation_ = activation;
   active_ = true;
   if (kernel_) {
@@ -172,6 +183,7 @@ void VirtioNet::reset() {
     was_watching = watching_;
     watching_ = false;
     activation_ = {};
+    pending_ = 0;  // like a NIC's FIFO on reset: frames not yet delivered are lost
   }
   // Outside our lock: remove() waits for a running callback, which may be waiting for it.
   if (was_watching) loop_.remove(backend_->fd());
@@ -372,29 +384,77 @@ void VirtioNet::transmit_locked() {
   }
 }
 
+// One receive pass with VIRTIO_NET_F_MRG_RXBUF (spec 5.1.6.4): chains are taken from the ring
+// ahead of the frames and held, in ring order, until a frame fills the first of them.
+struct VirtioNet::MergeState {
+  struct Held {
+    uint16_t head;
+    ChainBuffers buffers;
+    bool usable;  // room for the header and few enough pieces for one readv
+    size_t descriptors;
+  };
+  explicit MergeState(Queue& q) : queue(q) {}
+
+  Queue& queue;
+  std::vector<Held> held;  // popped, not yet used; the front is the oldest
+  size_t front = 0;        // held[front..] are still held
+  uint64_t capacity = 0;   // bytes in the usable chains held
+  size_t pieces = 0;       // their iovecs
+  size_t descriptors = 0;  // in all chains held
+  // The last attempt to take a chain stopped because the next one would not fit in one readv.
+  bool pieces_full = false;
+  bool used = false;
+
+  size_t count() const { return held.size() - front; }
+};
+
 void VirtioNet::receive_locked() {
   Queue& queue = activation_.queues[kNetReceiveQueue];
   if (!queue.ready()) {
     unwatch_backend_locked();
     return;
   }
-  const memory::GuestMemory& memory = *activation_.memory;
   bool used = false;
-  for (int budget = kReceiveBudget; budget > 0; --budget) {
+  if (merge_) {
+    MergeState state(queue);
+    bool ok = receive_merged_locked(state);
+    // Buffers taken but not filled stay the guest's: the next pass takes them again, and the
+    // queue's state (save(), the kernel data path) never counts them as consumed.
+    if (ok && state.count() > 0) queue.undo_pop(uint16_t(state.count()));
+    used = state.used;
+  } else {
+    for (int budget = kReceiveBudget; budget > 0; --budget) {
+      if (!receive_one_locked(queue)) break;
+      used = true;
+    }
+  }
+  if (used && queue.needs_notification()) {
+    metrics_.rx_interrupts++;
+    activation_.interrupt->signal_queue(kNetReceiveQueue);
+  }
+}
+
+// Without VIRTIO_NET_F_MRG_RXBUF: one frame per chain. True if a chain was used.
+bool VirtioNet::receive_one_locked(Queue& queue) {
+  const memory::GuestMemory& memory = *activation_.memory;
+  for (int rearms = 0;;) {
     DescriptorChain chain;
     Queue::PopStatus status = queue.pop(memory, chain);
     if (status == Queue::PopStatus::kError) {
       unwatch_backend_locked();
       activation_.interrupt->needs_reset("virtio-net receiveq: " + queue.error());
-      return;
+      return false;
     }
     if (status == Queue::PopStatus::kEmpty) {
       // Re-arm the guest's kick and look once more: buffers posted in between must not wait.
-      if (queue.enable_notification()) continue;
+      if (queue.enable_notification()) {
+        if (++rearms < kRearmLimit) continue;
+        return false;  // still watching the tap: the next wake-up looks again
+      }
       // Nowhere to put frames: stop watching the tap until the guest posts buffers.
       metrics_.rx_pauses++;
       unwatch_backend_locked();
-      break;
+      return false;
     }
     ChainBuffers buffers(chain, true);
     auto iov = buffers.iovecs(0, buffers.size());
@@ -402,9 +462,7 @@ void VirtioNet::receive_locked() {
       log_.warn(fmt::format("virtio-net: unusable receive buffer ({} bytes in {} pieces)",
                             buffers.size(), iov.size()));
       metrics_.rx_bad_buffers++;
-      if (!queue.add_used(memory, chain.head, 0)) break;
-      used = true;
-      continue;
+      return queue.add_used(memory, chain.head, 0);
     }
     ssize_t got = ::readv(backend_->fd(), iov.data(), int(iov.size()));
     if (got < ssize_t(kNetHeaderSize)) {
@@ -413,7 +471,7 @@ void VirtioNet::receive_locked() {
         log_.warn(fmt::format("virtio-net: tap read failed: {}", std::strerror(errno)));
         unwatch_backend_locked();
       }
-      break;
+      return false;
     }
     // The tap leaves num_buffers alone; without VIRTIO_NET_F_MRG_RXBUF it is 1 (spec 5.1.6.3).
     const uint8_t one[2] = {1, 0};
@@ -424,14 +482,170 @@ void VirtioNet::receive_locked() {
     if (!queue.add_used(memory, chain.head, uint32_t(got))) {
       unwatch_backend_locked();
       activation_.interrupt->needs_reset("virtio-net: receive used ring unwritable");
-      return;
+      return false;
     }
-    used = true;
+    return true;
   }
-  if (used && queue.needs_notification()) {
-    metrics_.rx_interrupts++;
-    activation_.interrupt->signal_queue(kNetReceiveQueue);
+}
+
+bool VirtioNet::receive_merged_locked(MergeState& state) {
+  for (int budget = kReceiveBudget; budget > 0; --budget) {
+    if (pending_ == 0) {
+      // Enough chains for the longest frame lets the tap write straight into guest memory;
+      // short of that, the frame goes through bounce_ so that its length is known first.
+      if (!hold_buffers_locked(state, kMaxReceive)) return false;
+      bool direct = state.capacity >= kMaxReceive;
+      if (bounce_.empty()) bounce_.resize(kMaxReceive + 1);  // +1: a longer frame shows
+      std::vector<iovec> iov;
+      if (direct) {
+        for (size_t i = state.front; i < state.held.size(); ++i) {
+          if (!state.held[i].usable) continue;
+          auto more = state.held[i].buffers.iovecs(0, state.held[i].buffers.size());
+          iov.insert(iov.end(), more.begin(), more.end());
+        }
+      } else {
+        iov.push_back({bounce_.data(), bounce_.size()});
+      }
+      ssize_t got = ::readv(backend_->fd(), iov.data(), int(iov.size()));
+      if (got < 0) {
+        if (errno != EAGAIN && errno != EINTR) {
+          log_.warn(fmt::format("virtio-net: tap read failed: {}", std::strerror(errno)));
+          unwatch_backend_locked();
+        }
+        return true;
+      }
+      // A tap reports a frame's full length even when it had to cut it to fit.
+      if (got < ssize_t(kNetHeaderSize) || uint64_t(got) > kMaxReceive) {
+        metrics_.rx_dropped++;
+        continue;
+      }
+      if (direct) {
+        if (!deliver_merged_locked(state, uint64_t(got), nullptr)) return false;
+        continue;
+      }
+      pending_ = uint64_t(got);
+    }
+    if (!hold_buffers_locked(state, pending_)) return false;
+    if (state.capacity >= pending_) {
+      uint64_t length = std::exchange(pending_, 0);
+      if (!deliver_merged_locked(state, length, bounce_.data())) return false;
+      continue;
+    }
+    // Too few buffers for this frame. Spec 5.1.6.4 lets the device wait for more, and the
+    // driver refills as it consumes, so keep it (a dropped TCP segment costs a retransmission
+    // timeout) and stop reading the tap until the guest kicks. Only when the guest cannot post
+    // more, because every ring entry or the readv piece limit is taken, will it never fit.
+    // (Descriptors count rather than chains: a driver chaining several per buffer fills its
+    // table with fewer chains. Linux posts mergeable buffers as single descriptors.)
+    bool ring_full = state.count() >= state.queue.size() ||
+                     state.descriptors >= state.queue.size() || state.pieces_full;
+    if (ring_full) {
+      log_.warn(
+          fmt::format("virtio-net: dropping a {}-byte frame: the guest's receive buffers "
+                      "hold {} bytes",
+                      pending_, state.capacity));
+      metrics_.rx_dropped++;
+      pending_ = 0;
+      continue;
+    }
+    metrics_.rx_pauses++;
+    unwatch_backend_locked();
+    return true;
   }
+  return true;
+}
+
+// Takes chains from the ring until the usable ones hold `want` bytes or there are no more.
+// False if the queue broke (NEEDS_RESET raised).
+bool VirtioNet::hold_buffers_locked(MergeState& state, uint64_t want) {
+  const memory::GuestMemory& memory = *activation_.memory;
+  Queue& queue = state.queue;
+  state.pieces_full = false;
+  int rearms = 0;
+  while (state.capacity < want && state.count() < queue.size()) {
+    DescriptorChain chain;
+    Queue::PopStatus status = queue.pop(memory, chain);
+    if (status == Queue::PopStatus::kError) {
+      unwatch_backend_locked();
+      activation_.interrupt->needs_reset("virtio-net receiveq: " + queue.error());
+      return false;
+    }
+    if (status == Queue::PopStatus::kEmpty) {
+      // Re-arm the guest's kick and look once more: buffers posted in between must not wait.
+      if (queue.enable_notification() && ++rearms < kRearmLimit) continue;
+      return true;
+    }
+    ChainBuffers buffers(chain, true);
+    size_t pieces = buffers.segment_count();
+    // Spec 5.1.6.3.1: with MRG_RXBUF every buffer holds at least a virtio_net_hdr.
+    bool usable = buffers.size() >= kNetHeaderSize && pieces <= IOV_MAX;
+    if (usable && state.pieces + pieces > IOV_MAX) {
+      // Would not fit in the same readv as the usable chains held: leave it for a later one.
+      // It is the chain popped last, so the held ones stay the most recent pops.
+      queue.undo_pop();
+      state.pieces_full = true;
+      return true;
+    }
+    if (usable) {
+      state.capacity += buffers.size();
+      state.pieces += pieces;
+    }
+    state.descriptors += chain.descriptors.size();
+    state.held.push_back({chain.head, std::move(buffers), usable, chain.descriptors.size()});
+  }
+  return true;
+}
+
+// Gives the frame of `length` bytes (already in the held chains, or at `copy_from`) to the
+// guest: fills held chains in ring order, sets num_buffers, and publishes the used entries of
+// the frame at once. Unusable chains it passes over go back empty, before the frame's.
+bool VirtioNet::deliver_merged_locked(MergeState& state, uint64_t length,
+                                      const uint8_t* copy_from) {
+  const memory::GuestMemory& memory = *activation_.memory;
+  std::vector<Queue::UsedElement> used;
+  size_t frame_start = 0;
+  const ChainBuffers* first = nullptr;
+  uint64_t left = length;
+  size_t i = state.front;
+  for (; i < state.held.size() && left > 0; ++i) {
+    MergeState::Held& held = state.held[i];
+    state.descriptors -= held.descriptors;
+    if (!held.usable) {
+      log_.warn(fmt::format("virtio-net: unusable receive buffer ({} bytes in {} pieces)",
+                            held.buffers.size(), held.buffers.segment_count()));
+      metrics_.rx_bad_buffers++;
+      used.insert(used.begin() + ptrdiff_t(frame_start), {held.head, 0});
+      ++frame_start;
+      continue;
+    }
+    uint64_t chunk = std::min(left, held.buffers.size());
+    uint64_t offset = length - left;
+    if (copy_from) {
+      held.buffers.write(memory, 0, std::span(copy_from + offset, size_t(chunk)));
+    } else {
+      held.buffers.mark_dirty(memory, 0, chunk);
+    }
+    if (!first) first = &held.buffers;
+    used.push_back({held.head, uint32_t(chunk)});
+    state.capacity -= held.buffers.size();
+    state.pieces -= held.buffers.segment_count();
+    left -= chunk;
+  }
+  state.front = i;
+  // The caller made sure the usable chains held are enough; `first` is set as length > 0.
+  if (!first) return true;
+  uint16_t num_buffers = uint16_t(used.size() - frame_start);
+  const uint8_t count[2] = {uint8_t(num_buffers), uint8_t(num_buffers >> 8)};
+  first->write(memory, kNetNumBuffersOffset, count);
+  if (!state.queue.add_used(memory, used)) {
+    unwatch_backend_locked();
+    activation_.interrupt->needs_reset("virtio-net: receive used ring unwritable");
+    return false;
+  }
+  state.used = true;
+  metrics_.rx_packets++;
+  metrics_.rx_bytes += length - kNetHeaderSize;
+  return true;
 }
 
 }  // namespace kiln::devices::virtio

@@ -1,7 +1,8 @@
 // virtio-net (virtio 1.2 section 5.1) with one receive and one transmit queue over a NetBackend
 // (a Linux tap). Frames move between guest buffers and the tap with one readv/writev each,
 // virtio_net_hdr included: the tap (IFF_VNET_HDR) understands the same header, so checksum
-// and segmentation offloads pass through untouched.
+// and segmentation offloads pass through untouched. With VIRTIO_NET_F_MRG_RXBUF a received
+// frame may span several receive chains (see receive_merged_locked).
 //
 // With a NetKernelDatapath (vhost-net), the receive and transmit rings run in the host kernel
 // instead: the device negotiates features, sets the tap's offloads and hands the rings and the
@@ -18,6 +19,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "base/event_loop.h"
 #include "devices/virtio/net_backend.h"
@@ -68,7 +70,10 @@ struct NetMetrics {
   std::atomic<uint64_t> rx_bytes{0};
   std::atomic<uint64_t> rx_bad_buffers{0};
   std::atomic<uint64_t> rx_pauses{0};  // times the guest ran out of receive buffers
-  std::atomic<uint64_t> tx_kicks{0};   // driver notifications, per queue
+  // Frames from the tap that fit nowhere: larger than every buffer the guest can post at once
+  // (with VIRTIO_NET_F_MRG_RXBUF) or than any frame the device accepts.
+  std::atomic<uint64_t> rx_dropped{0};
+  std::atomic<uint64_t> tx_kicks{0};  // driver notifications, per queue
   std::atomic<uint64_t> rx_kicks{0};
   std::atomic<uint64_t> tx_interrupts{0};  // used-buffer interrupts sent, per queue
   std::atomic<uint64_t> rx_interrupts{0};
@@ -116,8 +121,13 @@ class VirtioNet : public VirtioDevice {
   void resume();
 
  private:
+  struct MergeState;
   void transmit_locked();
   void receive_locked();
+  bool receive_one_locked(Queue& queue);
+  bool receive_merged_locked(MergeState& state);
+  bool hold_buffers_locked(MergeState& state, uint64_t want);
+  bool deliver_merged_locked(MergeState& state, uint64_t length, const uint8_t* copy_from);
   void watch_backend_locked();
   void unwatch_backend_locked();
   bool start_kernel_locked();
@@ -139,6 +149,11 @@ class VirtioNet : public VirtioDevice {
   bool relaying_call_[2] = {false, false};      // the loop watches call_[q]
   bool kernel_running_ = false;
   bool paused_ = false;
+  bool merge_ = false;  // VIRTIO_NET_F_MRG_RXBUF negotiated (userspace data path)
+  // With merge_: a frame read from the tap that waits for the guest to post enough buffers
+  // (pending_ bytes, virtio_net_hdr first), and the bounce buffer it was read into.
+  std::vector<uint8_t> bounce_;
+  uint64_t pending_ = 0;
   NetMetrics metrics_;
   RateLimitedLog log_;
 };

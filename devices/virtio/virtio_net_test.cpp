@@ -316,6 +316,161 @@ TEST_F(VirtioNetTest, SaveRestoreResumesOnTheSameRingsWithANewBackend) {
   EXPECT_EQ(net->metrics().rx_packets, 1u);
 }
 
+constexpr uint64_t kMergeFeatures =
+    kFeatureVersion1 | kFeatureRingEventIdx | kNetFeatureMac | kNetFeatureMrgRxbuf;
+
+// A frame of `size` bytes whose byte i is uint8_t(i * 7 + seed), to check where pieces land.
+std::vector<uint8_t> pattern(size_t size, uint8_t seed = 0) {
+  std::vector<uint8_t> frame(size);
+  for (size_t i = 0; i < size; ++i) frame[i] = uint8_t(i * 7 + seed);
+  return frame;
+}
+
+// The frame whose used entries start at `first` and whose buffers are at `gpas`: the header's
+// num_buffers and the bytes after the header, gathered by the used lengths.
+std::pair<uint16_t, std::vector<uint8_t>> gather(const DriverQueue& rx,
+                                                 const memory::GuestMemory& memory, uint16_t first,
+                                                 const std::vector<uint64_t>& gpas) {
+  std::vector<uint8_t> all;
+  for (size_t i = 0; i < gpas.size(); ++i) {
+    std::vector<uint8_t> piece(rx.used_element(uint16_t(first + i)).second);
+    memory.read(gpas[i], piece);
+    all.insert(all.end(), piece.begin(), piece.end());
+  }
+  if (all.size() < kNetHeaderSize) return {0, {}};
+  uint16_t num_buffers = uint16_t(all[kNetNumBuffersOffset] | all[kNetNumBuffersOffset + 1] << 8);
+  return {num_buffers, std::vector<uint8_t>(all.begin() + kNetHeaderSize, all.end())};
+}
+
+TEST_F(VirtioNetTest, MergedBuffersTakeAFrameOverSeveralChainsWithNumBuffers) {
+  bring_up(kMergeFeatures);
+  // Sixteen 1 KiB buffers: less than the longest frame, so frames go through the bounce buffer.
+  for (uint16_t i = 0; i < 16; ++i) rx_.add_chain({{kBuffers + 0x1000 * i, 1024, true}}, i);
+  driver_->notify(kNetReceiveQueue);
+  std::vector<uint8_t> big = pattern(3000, 1);
+  std::vector<uint8_t> small = bytes("a small one");
+  host_send(big);
+  host_send(small);
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 4));
+  EXPECT_EQ(rx_.used_idx(), 4);
+  EXPECT_EQ(rx_.used_element(0), std::make_pair(0u, 1024u));
+  EXPECT_EQ(rx_.used_element(1), std::make_pair(1u, 1024u));
+  EXPECT_EQ(rx_.used_element(2), std::make_pair(2u, uint32_t(kNetHeaderSize + 3000 - 2048)));
+  EXPECT_EQ(rx_.used_element(3), std::make_pair(3u, uint32_t(kNetHeaderSize + small.size())));
+  auto [count, frame] = gather(rx_, m_.memory, 0, {kBuffers, kBuffers + 0x1000, kBuffers + 0x2000});
+  EXPECT_EQ(count, 3);
+  EXPECT_EQ(frame, big);
+  auto [small_count, small_frame] = gather(rx_, m_.memory, 3, {kBuffers + 0x3000});
+  EXPECT_EQ(small_count, 1);
+  EXPECT_EQ(small_frame, small);
+  EXPECT_EQ(net_->metrics().rx_packets, 2u);
+  EXPECT_EQ(net_->metrics().rx_bytes, big.size() + small.size());
+}
+
+TEST_F(VirtioNetTest, MergedBuffersHoldingAFullGsoFrameAreWrittenDirectly) {
+  bring_up(kMergeFeatures);
+  // 16 x 8 KiB: room for the longest frame, so the tap writes straight into guest buffers.
+  std::vector<uint64_t> gpas;
+  for (uint16_t i = 0; i < 16; ++i) {
+    gpas.push_back(kBuffers + 0x2000 * i);
+    rx_.add_chain({{gpas.back(), 8192, true}}, i);
+  }
+  driver_->notify(kNetReceiveQueue);
+  std::vector<uint8_t> gso = pattern(65000, 3);
+  host_send(gso);
+  uint16_t pieces = uint16_t((kNetHeaderSize + gso.size() + 8191) / 8192);  // 8
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, pieces));
+  EXPECT_EQ(rx_.used_idx(), pieces);
+  for (uint16_t i = 0; i + 1 < pieces; ++i)
+    EXPECT_EQ(rx_.used_element(i), std::make_pair(uint32_t(i), 8192u));
+  auto [count, frame] =
+      gather(rx_, m_.memory, 0, std::vector<uint64_t>(gpas.begin(), gpas.begin() + pieces));
+  EXPECT_EQ(count, pieces);
+  EXPECT_EQ(frame, gso);
+  // The chains it did not need take the next frame.
+  host_send(bytes("next"));
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, uint16_t(pieces + 1)));
+  EXPECT_EQ(rx_.used_element(pieces), std::make_pair(uint32_t(pieces), kNetHeaderSize + 4));
+  EXPECT_EQ(gather(rx_, m_.memory, pieces, {gpas[pieces]}).second, bytes("next"));
+}
+
+TEST_F(VirtioNetTest, MergedFrameWaitsForEnoughBuffersAndIsDroppedOnlyIfTheRingCannotHoldIt) {
+  bring_up(kMergeFeatures);
+  rx_.add_chain({{kBuffers, 1024, true}}, 0);
+  rx_.add_chain({{kBuffers + 0x1000, 1024, true}}, 1);
+  driver_->notify(kNetReceiveQueue);
+  std::vector<uint8_t> frame = pattern(3000, 5);
+  host_send(frame);
+  // Two buffers are too few: the frame waits, nothing is half-delivered.
+  for (int i = 0; i < 500 && net_->metrics().rx_pauses == 0; ++i) usleep(1000);
+  EXPECT_GE(net_->metrics().rx_pauses, 1u);
+  usleep(20000);
+  EXPECT_EQ(rx_.used_idx(), 0);
+  EXPECT_EQ(rx_.avail_event(), 2);  // and the driver is asked to kick for more
+  rx_.add_chain({{kBuffers + 0x2000, 1024, true}}, 2);
+  driver_->notify(kNetReceiveQueue);
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 3));
+  auto [count, got] = gather(rx_, m_.memory, 0, {kBuffers, kBuffers + 0x1000, kBuffers + 0x2000});
+  EXPECT_EQ(count, 3);
+  EXPECT_EQ(got, frame);
+  EXPECT_EQ(net_->metrics().rx_dropped, 0u);
+
+  // The whole ring (16 x 1 KiB) cannot take 20000 bytes: that frame is dropped and counted,
+  // and the one behind it lands in the first buffer.
+  for (uint16_t i = 0; i < 16; ++i) {
+    uint16_t slot = uint16_t((3 + i) % 16);
+    rx_.add_chain({{kBuffers + 0x1000 * slot, 1024, true}}, slot);
+  }
+  driver_->notify(kNetReceiveQueue);
+  host_send(pattern(20000));
+  host_send(bytes("after the drop"));
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 4));
+  EXPECT_EQ(net_->metrics().rx_dropped, 1u);
+  EXPECT_EQ(rx_.used_element(3), std::make_pair(3u, uint32_t(kNetHeaderSize + 14)));
+  EXPECT_EQ(gather(rx_, m_.memory, 3, {kBuffers + 0x3000}).second, bytes("after the drop"));
+  EXPECT_FALSE(driver_->status() & kStatusNeedsReset);
+}
+
+TEST_F(VirtioNetTest, MergedBuffersThatCannotHoldAHeaderComeBackEmptyBeforeTheFrame) {
+  bring_up(kMergeFeatures);
+  rx_.add_chain({{kBuffers, 1024, true}}, 0);
+  rx_.add_chain({{kBuffers + 0x1000, 0, true}}, 1);     // empty
+  rx_.add_chain({{kBuffers + 0x2000, 8, true}}, 2);     // shorter than the header
+  rx_.add_chain({{kBuffers + 0x3000, 512, false}}, 3);  // device-readable only
+  rx_.add_chain({{kBuffers + 0x4000, 0, true}, {kBuffers + 0x4100, 0, true}}, 4);
+  rx_.add_chain({{kBuffers + 0x5000, 1024, true}}, 6);
+  driver_->notify(kNetReceiveQueue);
+  std::vector<uint8_t> frame = pattern(1500, 9);
+  host_send(frame);
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 6));
+  // The four unusable chains first, then the frame's two, whose count says 2.
+  for (uint16_t i = 0; i < 4; ++i) EXPECT_EQ(rx_.used_element(i).second, 0u);
+  EXPECT_EQ(rx_.used_element(4), std::make_pair(0u, 1024u));
+  EXPECT_EQ(rx_.used_element(5), std::make_pair(6u, uint32_t(kNetHeaderSize + 1500 - 1024)));
+  auto [count, got] = gather(rx_, m_.memory, 4, {kBuffers, kBuffers + 0x5000});
+  EXPECT_EQ(count, 2);
+  EXPECT_EQ(got, frame);
+  EXPECT_EQ(net_->metrics().rx_bad_buffers, 4u);
+  EXPECT_FALSE(driver_->status() & kStatusNeedsReset);
+}
+
+TEST_F(VirtioNetTest, WithoutMergedBuffersAFrameStaysInOneChain) {
+  EXPECT_TRUE(driver_->device_features() & kNetFeatureMrgRxbuf);
+  bring_up();  // MRG_RXBUF not accepted
+  rx_.add_chain({{kBuffers, 1024, true}}, 0);
+  rx_.add_chain({{kBuffers + 0x1000, 1024, true}}, 1);
+  driver_->notify(kNetReceiveQueue);
+  host_send(pattern(3000));
+  host_send(bytes("second"));
+  ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 2));
+  // The first chain gets what fits of the first frame (the socket cuts it like a tap) and
+  // num_buffers 1; the second frame gets a chain of its own.
+  EXPECT_EQ(rx_.used_element(0), std::make_pair(0u, 1024u));
+  EXPECT_EQ(guest_read(kBuffers + kNetNumBuffersOffset, 2), std::vector<uint8_t>({1, 0}));
+  EXPECT_EQ(rx_.used_element(1), std::make_pair(1u, uint32_t(kNetHeaderSize + 6)));
+  EXPECT_EQ(guest_read(kBuffers + 0x1000 + kNetHeaderSize, 6), bytes("second"));
+}
+
 // Stands in for vhost-net: records what the device hands over and returns configured ring
 // positions on stop.
 struct FakeKernelState {
@@ -393,13 +548,13 @@ TEST_F(VirtioNetKernelTest, FeaturesAreWhatBothTheDeviceAndTheKernelCanDo) {
   EXPECT_FALSE(offered & (1ull << 26));
   EXPECT_TRUE(offered & kNetFeatureMac);
   EXPECT_TRUE(offered & kNetFeatureGuestTso4);
-  // The userspace data path cannot merge receive buffers.
+  // The userspace data path merges receive buffers too, whatever the kernel can do.
   int pair[2];
   ASSERT_EQ(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair), 0);
   UniqueFd peer(pair[1]);
   std::atomic<uint32_t> offloads{0};
   VirtioNet userspace(std::make_unique<SocketBackend>(pair[0], offloads), net_->mac(), m_.loop);
-  EXPECT_FALSE(userspace.device_features() & kNetFeatureMrgRxbuf);
+  EXPECT_TRUE(userspace.device_features() & kNetFeatureMrgRxbuf);
   EXPECT_TRUE(userspace.device_features() & kFeatureRingIndirectDesc);
 }
 
