@@ -811,7 +811,10 @@ bool Image::zero_host_cluster(uint64_t host) {
 }
 
 std::vector<uint8_t> Image::compress(std::span<const uint8_t> cluster) const {
-  std::vector<uint8_t> out(cluster.size());
+  // Compressing into a scratch buffer of this thread and returning only the bytes produced
+  // keeps a cluster-sized allocation (and its page faults) out of every call.
+  thread_local std::vector<uint8_t> out;
+  out.resize(cluster.size());
   size_t out_len = 0;
   if (header_.compression_type == CompressionType::kZlib) {
     z_stream zs{};
@@ -830,9 +833,8 @@ std::vector<uint8_t> Image::compress(std::span<const uint8_t> cluster) const {
     out_len = ZSTD_isError(rc) ? 0 : rc;
   }
   // Not worth a compressed descriptor unless it saves at least a sector.
-  if (out_len == 0 || out_len >= cluster_size_ - 512) out_len = 0;
-  out.resize(out_len);
-  return out;
+  if (out_len == 0 || out_len >= cluster_size_ - 512) return {};
+  return {out.begin(), out.begin() + ptrdiff_t(out_len)};
 }
 
 void Image::write_compressed(uint64_t offset, std::span<const uint8_t> cluster) {
