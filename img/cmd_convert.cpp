@@ -65,7 +65,8 @@ struct Run {
 
 struct Chunk {
   uint64_t pos = 0;
-  std::vector<uint8_t> data;
+  std::vector<uint8_t> buffer;    // chunk-sized, reused from chunk to chunk
+  std::span<const uint8_t> data;  // the part of buffer read; empty when nothing is to write
   std::vector<Run> runs;
 };
 
@@ -81,7 +82,7 @@ struct Target {
 
   void apply(const Chunk& c) {
     for (const Run& r : c.runs) {
-      const auto data = std::span(c.data).subspan(r.start, r.length);
+      const auto data = c.data.subspan(r.start, r.length);
       const uint64_t offset = c.pos + r.start;
       if (!qcow2) {
         raw->write(offset, data);  // raw targets start sparse: zero runs never reach here
@@ -107,7 +108,7 @@ struct Target {
 // backing file holds) are left out, neighbouring data clusters merge into one write, and with
 // -c each full cluster is compressed here, on the reader's thread.
 void plan_runs(Chunk& c, std::span<const uint8_t> below, uint64_t gran, const Target& dst) {
-  const auto data = std::span<const uint8_t>(c.data);
+  const auto data = c.data;
   for (uint64_t off = 0; off < data.size(); off += gran) {
     const auto piece = data.subspan(off, std::min(gran, data.size() - off));
     const bool zero = all_zero(piece);
@@ -129,28 +130,29 @@ void plan_runs(Chunk& c, std::span<const uint8_t> below, uint64_t gran, const Ta
   }
 }
 
-// Reads chunk `index` and decides what to write for it.
-Chunk prepare_chunk(SyncImage& src, const Target& dst, uint64_t index, uint64_t chunk_size) {
-  Chunk c;
+// Reads chunk `index` into c.buffer and decides what to write for it.
+void prepare_chunk(Chunk& c, SyncImage& src, const Target& dst, uint64_t index,
+                   uint64_t chunk_size) {
   c.pos = index * chunk_size;
   const uint64_t n = std::min(chunk_size, src.size() - c.pos);
   SyncImage* below = dst.backing();
   const bool below_zero = !below || known_zero(*below, c.pos, n);
   const bool src_zero = known_zero(src, c.pos, n);
-  if (src_zero && below_zero) return c;
-  c.data.resize(n);
+  if (src_zero && below_zero) return;
+  // Buffers are reused, not allocated per chunk: fresh memory costs a page fault per 4 KiB,
+  // more than the copy out of the page cache.
+  c.buffer.resize(chunk_size);
+  const auto data = std::span(c.buffer).first(n);
   if (src_zero) {
-    std::fill(c.data.begin(), c.data.end(), 0);
+    std::fill(data.begin(), data.end(), 0);
   } else {
-    src.read(c.pos, c.data);
+    src.read(c.pos, data);
   }
-  std::vector<uint8_t> below_data;
-  if (!below_zero) {
-    below_data.resize(n);
-    below->read(c.pos, below_data);
-  }
+  c.data = data;
+  thread_local std::vector<uint8_t> below_data;
+  below_data.resize(below_zero ? 0 : n);
+  if (!below_zero) below->read(c.pos, below_data);
   plan_runs(c, below_data, dst.granularity(), dst);
-  return c;
 }
 
 // The reader threads and the in-order hand-over to the writer.
@@ -161,25 +163,34 @@ class Pipeline {
         dst_(dst),
         chunk_size_(chunk_size),
         chunks_((src.size() + chunk_size - 1) / chunk_size),
-        window_(uint64_t(o.coroutines) * 2),
+        threads_(reader_threads(o.coroutines)),
+        window_(threads_ + 1),
         direct_(o.out_of_order && !dst.qcow2) {
-    for (int i = 0; i < o.coroutines; ++i) readers_.emplace_back([this] { read_loop(); });
+    for (unsigned i = 0; i < threads_; ++i) readers_.emplace_back([this] { read_loop(); });
   }
   ~Pipeline() {
     {
       std::lock_guard lock(mu_);
       stop_ = true;
     }
-    cv_.notify_all();
+    space_.notify_all();
     for (auto& t : readers_) t.join();
   }
 
   uint64_t chunks() const { return chunks_; }
 
+  // -m requests in flight, but no more threads than CPUs: reads of cached data and compression
+  // are CPU work, and extra threads only add switches and stall the in-order writer when the
+  // one holding the next chunk is descheduled.
+  static unsigned reader_threads(int requests) {
+    const unsigned cpus = std::max(1u, std::thread::hardware_concurrency());
+    return std::min(unsigned(requests), cpus);
+  }
+
   // Writes chunk `index` once a reader has it; rethrows a reader's failure.
   void write_next(uint64_t index) {
     std::unique_lock lock(mu_);
-    cv_.wait(lock, [&] { return failure_ || ready_.count(index); });
+    ready_cv_.wait(lock, [&] { return failure_ || ready_.count(index); });
     if (failure_) std::rethrow_exception(failure_);
     Chunk c = std::move(ready_.at(index));
     ready_.erase(index);
@@ -187,7 +198,8 @@ class Pipeline {
     dst_.apply(c);
     lock.lock();
     written_ = index + 1;
-    cv_.notify_all();
+    spare_.push_back(std::move(c.buffer));
+    space_.notify_one();  // one more chunk may be read
   }
 
  private:
@@ -195,40 +207,53 @@ class Pipeline {
     for (;;) {
       std::unique_lock lock(mu_);
       // Stay at most a window ahead of the writer: bounds memory to window_ chunks.
-      cv_.wait(lock,
-               [&] { return stop_ || failure_ || next_ >= chunks_ || next_ < written_ + window_; });
+      space_.wait(lock, [&] {
+        return stop_ || failure_ || next_ >= chunks_ || next_ < written_ + window_;
+      });
       if (stop_ || failure_ || next_ >= chunks_) return;
       const uint64_t index = next_++;
-      lock.unlock();
       Chunk c;
+      if (!spare_.empty()) {
+        c.buffer = std::move(spare_.back());
+        spare_.pop_back();
+      }
+      lock.unlock();
       try {
-        c = prepare_chunk(src_, dst_, index, chunk_size_);
+        prepare_chunk(c, src_, dst_, index, chunk_size_);
         if (direct_) {
           dst_.apply(c);
-          c = Chunk{};
+          c.data = {};
+          c.runs.clear();
         }
       } catch (...) {
         lock.lock();
         if (!failure_) failure_ = std::current_exception();
-        cv_.notify_all();
+        space_.notify_all();
+        ready_cv_.notify_all();
         return;
       }
       lock.lock();
       ready_.emplace(index, std::move(c));
-      cv_.notify_all();
+      if (index == written_) ready_cv_.notify_one();  // the writer waits for no other
     }
   }
 
   SyncImage& src_;
   Target& dst_;
-  const uint64_t chunk_size_, chunks_, window_;
+  const uint64_t chunk_size_, chunks_;
+  const unsigned threads_;
+  // Chunks read ahead of the writer, each with its own buffer: one per reader and the one being
+  // written. More would only cost memory (and page faults to fill it) on a pipeline whose
+  // readers and writer run at about the same speed.
+  const uint64_t window_;
   const bool direct_;
   std::mutex mu_;
-  std::condition_variable cv_;
+  std::condition_variable space_, ready_cv_;
   uint64_t next_ = 0, written_ = 0;
   bool stop_ = false;
   std::exception_ptr failure_;
   std::map<uint64_t, Chunk> ready_;
+  std::vector<std::vector<uint8_t>> spare_;  // buffers of chunks already written
   std::vector<std::thread> readers_;
 };
 
