@@ -163,7 +163,7 @@ class Pipeline {
         dst_(dst),
         chunk_size_(chunk_size),
         chunks_((src.size() + chunk_size - 1) / chunk_size),
-        threads_(reader_threads(o.coroutines)),
+        threads_(reader_threads(o.coroutines, o.compress)),
         window_(threads_ + 1),
         direct_(o.out_of_order && !dst.qcow2) {
     for (unsigned i = 0; i < threads_; ++i) readers_.emplace_back([this] { read_loop(); });
@@ -181,10 +181,13 @@ class Pipeline {
 
   // -m requests in flight, but no more threads than CPUs: reads of cached data and compression
   // are CPU work, and extra threads only add switches and stall the in-order writer when the
-  // one holding the next chunk is descheduled.
-  static unsigned reader_threads(int requests) {
+  // one holding the next chunk is descheduled. Without compression the writer's copies into
+  // the target cost as much as the reads, so it keeps a CPU to itself (on 2 CPUs one reader
+  // was measured 15-20% faster than two; with -c two readers win).
+  static unsigned reader_threads(int requests, bool compress) {
     const unsigned cpus = std::max(1u, std::thread::hardware_concurrency());
-    return std::min(unsigned(requests), cpus);
+    const unsigned usable = compress ? cpus : std::max(1u, cpus - 1);
+    return std::min(unsigned(requests), usable);
   }
 
   // Writes chunk `index` once a reader has it; rethrows a reader's failure.
