@@ -441,7 +441,7 @@ void Image::read(uint64_t offset, std::span<uint8_t> buf) {
       return;
     }
     const uint64_t in_cluster = offset % cluster_size_;
-    const uint64_t n =
+    uint64_t n =
         std::min<uint64_t>({buf.size(), cluster_size_ - in_cluster, header_.size - offset});
     const L2Entry entry = l2_entry(offset / cluster_size_);
     const uint64_t host = entry.host();
@@ -449,23 +449,40 @@ void Image::read(uint64_t offset, std::span<uint8_t> buf) {
       // The data read itself runs without the lock so that requests in flight overlap in the
       // kernel. The host cluster cannot be freed meanwhile: frees wait for unlocked reads.
       check_data_offset(host, offset);
+      const uint64_t len = plain_run(offset, host + in_cluster, n, buf.size());
       ++unlocked_reads_;
       lock.unlock();
       std::exception_ptr failure;
       try {
-        pread_zero_fill(fd_.get(), buf.first(n), host + in_cluster);
+        pread_zero_fill(fd_.get(), buf.first(len), host + in_cluster);
       } catch (...) {
         failure = std::current_exception();
       }
       lock.lock();
       if (--unlocked_reads_ == 0) unlocked_reads_done_.notify_all();
       if (failure) std::rethrow_exception(failure);
+      n = len;
     } else {
       read_cluster_part(offset, buf.first(n));
     }
     offset += n;
     buf = buf.subspan(n);
   }
+}
+
+// Extends a plain-data read of `n` bytes at guest `offset` (host `host`) over the following
+// clusters while they are plain data right after it in the file, so that a large read of a
+// sequentially allocated image is one pread instead of one per cluster.
+uint64_t Image::plain_run(uint64_t offset, uint64_t host, uint64_t n, uint64_t max) {
+  while (n < max && offset + n < header_.size && (offset + n) % cluster_size_ == 0) {
+    const uint64_t next = offset + n;
+    const uint64_t m = std::min<uint64_t>({max - n, cluster_size_, header_.size - next});
+    const L2Entry entry = l2_entry(next / cluster_size_);
+    if (!plain_data(entry, 0, m) || entry.host() != host + n) break;
+    check_data_offset(entry.host(), next);
+    n += m;
+  }
+  return n;
 }
 
 void Image::read_from_backing(uint64_t offset, std::span<uint8_t> buf) {
@@ -628,12 +645,41 @@ void Image::write(uint64_t offset, std::span<const uint8_t> buf) {
     throw std::system_error(EINVAL, std::generic_category(), "write past the end of the image");
   }
   while (!buf.empty()) {
-    const uint64_t n = std::min<uint64_t>(buf.size(), cluster_size_ - offset % cluster_size_);
-    write_cluster_part(offset, buf.first(n));
+    uint64_t n = write_new_run(offset, buf);
+    if (n == 0) {
+      n = std::min<uint64_t>(buf.size(), cluster_size_ - offset % cluster_size_);
+      write_cluster_part(offset, buf.first(n));
+    }
     offset += n;
     buf = buf.subspan(n);
   }
   data_dirty_ = true;
+}
+
+// Whole clusters that have no host cluster yet (one L2 table's worth at most) get one run of
+// contiguous host clusters and one pwrite: a sequential writer such as convert then costs one
+// syscall per run, not per cluster. Returns the bytes written, 0 when the fast path does not
+// apply. Ordering as everywhere: the data goes to the file now, while the refcounts and L2
+// entries stay in the caches until flush() writes them after it.
+uint64_t Image::write_new_run(uint64_t offset, std::span<const uint8_t> buf) {
+  if (extended_l2() || offset % cluster_size_ != 0 || buf.size() < 2 * cluster_size_) return 0;
+  const uint64_t first = offset / cluster_size_;
+  const uint64_t table_left = l2_entries() - first % l2_entries();
+  const uint64_t want = std::min(buf.size() / cluster_size_, table_left);
+  uint64_t count = 0;
+  while (count < want && (l2_entry(first + count).word & (kOffsetMask | kFlagCompressed)) == 0) {
+    ++count;
+  }
+  if (count < 2) return 0;
+  get_l2(first / l2_entries(), true);  // table first: keeps data clusters contiguous
+  const uint64_t host = alloc_clusters(count);
+  L2Table* table = get_l2(first / l2_entries(), true);  // the pointer, after any allocation
+  pwrite_all(fd_.get(), buf.first(count * cluster_size_), host);
+  for (uint64_t i = 0; i < count; ++i) {
+    table->entries[(first + i) % l2_entries()] = {(host + i * cluster_size_) | kFlagCopied, 0};
+  }
+  table->dirty = true;
+  return count * cluster_size_;
 }
 
 void Image::release_entry_later(uint64_t entry) {
@@ -782,13 +828,11 @@ bool Image::zero_host_cluster(uint64_t host) {
   throw_errno("fallocate");
 }
 
-void Image::write_compressed(uint64_t offset, std::span<const uint8_t> cluster) {
-  std::unique_lock lock(mu_);
-  if (read_only_) throw std::system_error(EROFS, std::generic_category(), "image is read-only");
-  if (offset % cluster_size_ != 0 || cluster.size() != cluster_size_ || offset >= header_.size) {
-    throw std::system_error(EINVAL, std::generic_category(), "compressed write must be a cluster");
-  }
-  std::vector<uint8_t> out(cluster_size_);
+std::vector<uint8_t> Image::compress(std::span<const uint8_t> cluster) const {
+  // Compressing into a scratch buffer of this thread and returning only the bytes produced
+  // keeps a cluster-sized allocation (and its page faults) out of every call.
+  thread_local std::vector<uint8_t> out;
+  out.resize(cluster.size());
   size_t out_len = 0;
   if (header_.compression_type == CompressionType::kZlib) {
     z_stream zs{};
@@ -806,15 +850,30 @@ void Image::write_compressed(uint64_t offset, std::span<const uint8_t> cluster) 
     const size_t rc = ZSTD_compress(out.data(), out.size(), cluster.data(), cluster.size(), 3);
     out_len = ZSTD_isError(rc) ? 0 : rc;
   }
+  // Not worth a compressed descriptor unless it saves at least a sector.
+  if (out_len == 0 || out_len >= cluster_size_ - 512) return {};
+  return {out.begin(), out.begin() + ptrdiff_t(out_len)};
+}
+
+void Image::write_compressed(uint64_t offset, std::span<const uint8_t> cluster) {
+  write_compressed(offset, cluster, compress(cluster));
+}
+
+void Image::write_compressed(uint64_t offset, std::span<const uint8_t> cluster,
+                             std::span<const uint8_t> out) {
+  std::unique_lock lock(mu_);
+  if (read_only_) throw std::system_error(EROFS, std::generic_category(), "image is read-only");
+  if (offset % cluster_size_ != 0 || cluster.size() != cluster_size_ || offset >= header_.size) {
+    throw std::system_error(EINVAL, std::generic_category(), "compressed write must be a cluster");
+  }
+  const size_t out_len = out.size();
   const uint64_t guest_cluster = offset / cluster_size_;
   const L2Entry old = l2_entry(guest_cluster);
-  if (out_len == 0 || out_len >= cluster_size_ - 512 || (old.word & ~kFlagCopied) != 0 ||
-      old.alloc_bits()) {
+  if (out_len == 0 || (old.word & ~kFlagCopied) != 0 || old.alloc_bits()) {
     lock.unlock();
     write(offset, cluster);
     return;
   }
-  out.resize(out_len);
   // Pack compressed data byte-wise: continue in the current partly used cluster if it fits.
   uint64_t start = compressed_cursor_;
   const uint64_t cs = cluster_size_;

@@ -179,6 +179,13 @@ class Image : public SyncImage {
   // Whole, unallocated guest cluster written compressed (qemu-img convert -c); falls back to a
   // normal write when the data does not shrink.
   void write_compressed(uint64_t offset, std::span<const uint8_t> cluster);
+  // The same with the cluster already compressed by compress(), so that callers can compress
+  // on many threads; an empty `compressed` writes the cluster uncompressed.
+  void write_compressed(uint64_t offset, std::span<const uint8_t> cluster,
+                        std::span<const uint8_t> compressed);
+  // The cluster in this image's compression type; empty when compression would not save space.
+  // Thread-safe: needs no image state that changes.
+  std::vector<uint8_t> compress(std::span<const uint8_t> cluster) const;
   void write_zeroes(uint64_t offset, uint64_t length, bool may_unmap);
   void discard(uint64_t offset, uint64_t length);
   void flush();
@@ -260,6 +267,8 @@ class Image : public SyncImage {
   void read_subclusters(const L2Entry& entry, uint64_t offset, std::span<uint8_t> buf);
   void read_compressed(uint64_t entry, std::vector<uint8_t>& out);
   void read_from_backing(uint64_t offset, std::span<uint8_t> buf);
+  uint64_t plain_run(uint64_t offset, uint64_t host, uint64_t n, uint64_t max);
+  uint64_t write_new_run(uint64_t offset, std::span<const uint8_t> buf);
   void write_cluster_part(uint64_t offset, std::span<const uint8_t> buf);
   void write_subclusters(uint64_t offset, std::span<const uint8_t> buf);
   // True when the guest cluster currently reads as all zeros without looking at data.

@@ -1,0 +1,118 @@
+// kiln-img convert's parallel requests (-m, -W) and backing files (-B, -F, -o backing_file):
+// contents checked with qemu-img compare and check, errors against qemu-img's.
+#include <nlohmann/json.hpp>
+
+#include "img/tests/img_test_util.h"
+
+namespace kiln::img::testing {
+namespace {
+
+class ConvertTest : public ImgToolTest {
+ protected:
+  void SetUp() override {
+    ImgToolTest::SetUp();
+    // Data in most 2 MiB chunks (convert's unit of work), holes and zeros between, and a tail
+    // that is not a whole cluster.
+    sh("qemu-img create -q -f raw src.raw 24M && truncate -s 25165312 src.raw");
+    sh("qemu-io -f raw -c 'write -P 0x11 0 3M' -c 'write -P 0x22 5M 64k' "
+       "-c 'write -P 0x33 7340000 1M' -c 'write -P 0 9M 1M' -c 'write -P 0x44 13M 5M' "
+       "-c 'write -P 0x55 25165000 312' src.raw >/dev/null");
+    sh("head -c 2M /dev/urandom | dd of=src.raw bs=1M seek=20 conv=notrunc status=none");
+  }
+
+  // Guest ranges the top image itself maps (depth 0), as qemu-img map reports them.
+  std::vector<std::pair<uint64_t, uint64_t>> top_ranges(const std::string& img) {
+    const auto json = nlohmann::json::parse(sh(fmt::format("qemu-img map --output=json {}", img)));
+    std::vector<std::pair<uint64_t, uint64_t>> ranges;
+    for (const auto& e : json) {
+      if (e["depth"] == 0 && e["present"] == true) ranges.emplace_back(e["start"], e["length"]);
+    }
+    return ranges;
+  }
+
+  // Both tools' stderr without the program name: qemu-img's message text is the reference.
+  void expect_same_error(const std::string& args) {
+    const ToolResult k = kiln(args), qm = qemu(args);
+    EXPECT_EQ(k.status, qm.status) << args;
+    EXPECT_NE(k.status, 0) << args;
+    ASSERT_EQ(k.err.rfind("kiln-img: ", 0), 0u) << k.err;
+    ASSERT_EQ(qm.err.rfind("qemu-img: ", 0), 0u) << qm.err;
+    EXPECT_EQ(k.err.substr(10), qm.err.substr(10)) << args;
+  }
+};
+
+TEST_F(ConvertTest, ParallelRequestsKeepContents) {
+  for (const char* flags : {"-m 1", "-m 16", "-W", "-m 16 -W", "-m 3 -W -c"}) {
+    SCOPED_TRACE(flags);
+    ASSERT_EQ(kiln(fmt::format("convert {} -O qcow2 src.raw k.qcow2", flags)).status, 0);
+    expect_same_content("src.raw", "k.qcow2");
+    expect_check_clean("k.qcow2");
+    if (std::string(flags).find("-c") != std::string::npos) continue;
+    ASSERT_EQ(kiln(fmt::format("convert {} -O raw k.qcow2 k.raw", flags)).status, 0);
+    sh("cmp src.raw k.raw");
+  }
+}
+
+TEST_F(ConvertTest, ParallelQcow2TargetHasQemuLayout) {
+  // One writer in guest order: clusters land where qemu-img puts them, whatever -m says.
+  sh("qemu-img convert -O qcow2 src.raw q.qcow2");
+  const std::string qemu_map = sh("qemu-img map --output=json q.qcow2");
+  ASSERT_EQ(kiln("convert -m 16 -O qcow2 src.raw k.qcow2").status, 0);
+  EXPECT_EQ(sh("qemu-img map --output=json k.qcow2"), qemu_map);
+}
+
+TEST_F(ConvertTest, CoroutineCountOutOfRangeFailsLikeQemu) {
+  for (const char* m : {"0", "17", "-1", "abc"}) {
+    expect_same_error(fmt::format("convert -m {} -O qcow2 src.raw x.qcow2", m));
+  }
+  const ToolResult k = kiln("convert -m 17 -O raw src.raw x.raw");
+  EXPECT_EQ(k.err,
+            "kiln-img: Invalid number of coroutines. Allowed number of coroutines is between 1 "
+            "and 16\n");
+}
+
+TEST_F(ConvertTest, BackingFileHoldsWhatTheSourceShares) {
+  // The base is the source with three changes: new data, zeros over data, and data in a hole.
+  sh("qemu-img convert -O qcow2 src.raw base.qcow2 && cp src.raw mod.raw");
+  sh("qemu-io -f raw -c 'write -P 0x66 64k 128k' -c 'write -P 0 13M 64k' "
+     "-c 'write -P 0x77 11M 4k' mod.raw >/dev/null");
+  for (const char* how : {"-B base.qcow2 -F qcow2", "-m 1 -B base.qcow2 -F qcow2",
+                          "-o backing_file=base.qcow2,backing_fmt=qcow2"}) {
+    SCOPED_TRACE(how);
+    ASSERT_EQ(kiln(fmt::format("convert {} -O qcow2 mod.raw t.qcow2", how)).status, 0);
+    const auto info = nlohmann::json::parse(sh("qemu-img info --output=json t.qcow2"));
+    EXPECT_EQ(info["backing-filename"], "base.qcow2");
+    EXPECT_EQ(info["backing-filename-format"], "qcow2");
+    expect_same_content("mod.raw", "t.qcow2");
+    expect_check_clean("t.qcow2");
+    // Only the changed clusters are in the top image; the rest reads through to the base.
+    const std::vector<std::pair<uint64_t, uint64_t>> want = {
+        {64 << 10, 128 << 10}, {11 << 20, 64 << 10}, {13 << 20, 64 << 10}};
+    EXPECT_EQ(top_ranges("t.qcow2"), want);
+  }
+}
+
+TEST_F(ConvertTest, BackingFileErrorsMatchQemu) {
+  expect_same_error("convert -B missing.qcow2 -F qcow2 -O qcow2 src.raw t.qcow2");
+  expect_same_error("convert -B src.raw -O qcow2 src.raw t.qcow2");
+  expect_same_error("convert -B src.raw -F raw -O raw src.raw t.raw");
+}
+
+TEST_F(ConvertTest, ParallelReadOfChainWithCompressedClusters) {
+  sh("qemu-img convert -c -O qcow2 -o cluster_size=4k src.raw comp.qcow2");
+  sh("qemu-img create -q -f qcow2 -b comp.qcow2 -F qcow2 top.qcow2");
+  sh("qemu-io -c 'write -P 0x88 1M 300k' -c 'write -z 14M 1M' -c 'write -P 0x99 22M 8k' "
+     "top.qcow2 >/dev/null");
+  sh("qemu-img convert -O raw top.qcow2 want.raw");
+  for (const char* flags : {"-m 16", "-m 16 -W", "-m 2"}) {
+    SCOPED_TRACE(flags);
+    ASSERT_EQ(kiln(fmt::format("convert {} -O raw top.qcow2 k.raw", flags)).status, 0);
+    sh("cmp want.raw k.raw");
+    ASSERT_EQ(kiln(fmt::format("convert {} -c -O qcow2 top.qcow2 k.qcow2", flags)).status, 0);
+    expect_same_content("want.raw", "k.qcow2");
+    expect_check_clean("k.qcow2");
+  }
+}
+
+}  // namespace
+}  // namespace kiln::img::testing
