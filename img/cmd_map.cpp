@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <map>
+#include <mutex>
 
 #include "img/common.h"
 
@@ -15,10 +16,17 @@ using block::qcow2::Image;
 using block::qcow2::SyncImage;
 
 bool host_file_hole(const std::string& path, uint64_t host, uint64_t& length) {
-  // One read-only handle per host file for the whole command (map and compare walk many extents).
+  // One read-only handle per host file for the whole command (map and compare walk many extents;
+  // convert's reader threads come here too, through chain_status).
+  static std::mutex mu;
   static std::map<std::string, std::unique_ptr<block::qcow2::RawImage>> files;
-  auto& file = files[path];
-  if (!file) file = block::qcow2::RawImage::open(path, true, true);
+  block::qcow2::RawImage* file;
+  {
+    std::lock_guard lock(mu);
+    auto& slot = files[path];
+    if (!slot) slot = block::qcow2::RawImage::open(path, true, true);
+    file = slot.get();
+  }
   if (host >= file->size()) return true;
   const auto e = file->block_status(host, length);
   length = std::min(length, e.length);
