@@ -17,6 +17,7 @@
 #include <mutex>
 #include <thread>
 
+#include "base/math.h"
 #include "img/common.h"
 
 namespace kiln::img {
@@ -54,6 +55,9 @@ struct Options {
   std::string cache = "unsafe";  // qemu-img convert's default for the target
   bool compress = false, progress = false, force_share = false, out_of_order = false;
   int coroutines = 8;  // qemu-img's default number of parallel requests
+  // -S: zero runs at least this long are left out of the target; 0 writes every byte (the
+  // target is fully allocated). qemu-img's default is 4 KiB.
+  uint64_t sparse_size = 4096;
 };
 
 // What the writer does with one piece of a chunk.
@@ -104,14 +108,37 @@ struct Target {
   }
 };
 
+// Marks each piece of `gran` bytes that reads as zeros, then takes back the marks of zero runs
+// shorter than `sparse_size` (-S) that lie between data: qemu-img writes those as data, while
+// a chunk's leading and trailing zeros stay sparse whatever their length.
+std::vector<bool> zero_pieces(std::span<const uint8_t> data, uint64_t gran, uint64_t sparse_size) {
+  std::vector<bool> zero(div_round_up(data.size(), gran), false);
+  if (sparse_size == 0) return zero;
+  for (size_t i = 0; i < zero.size(); ++i) {
+    zero[i] = all_zero(data.subspan(i * gran, std::min<uint64_t>(gran, data.size() - i * gran)));
+  }
+  for (size_t i = 0; i < zero.size();) {
+    size_t end = i;
+    while (end < zero.size() && zero[end]) ++end;
+    const bool between_data = i > 0 && end < zero.size();
+    if (end > i && between_data && (end - i) * gran < sparse_size) {
+      std::fill(zero.begin() + ptrdiff_t(i), zero.begin() + ptrdiff_t(end), false);
+    }
+    i = std::max(end, i + 1);
+  }
+  return zero;
+}
+
 // Splits a chunk into target clusters: those that read as they must already (zeros, or what the
 // backing file holds) are left out, neighbouring data clusters merge into one write, and with
 // -c each full cluster is compressed here, on the reader's thread.
-void plan_runs(Chunk& c, std::span<const uint8_t> below, uint64_t gran, const Target& dst) {
+void plan_runs(Chunk& c, std::span<const uint8_t> below, uint64_t gran, const Target& dst,
+               uint64_t sparse_size) {
   const auto data = c.data;
+  const std::vector<bool> zeros = zero_pieces(data, gran, sparse_size);
   for (uint64_t off = 0; off < data.size(); off += gran) {
     const auto piece = data.subspan(off, std::min(gran, data.size() - off));
-    const bool zero = all_zero(piece);
+    const bool zero = zeros[off / gran];
     if (below.empty() ? zero : std::memcmp(piece.data(), below.data() + off, piece.size()) == 0) {
       continue;  // the target reads this cluster right without writing it
     }
@@ -131,14 +158,14 @@ void plan_runs(Chunk& c, std::span<const uint8_t> below, uint64_t gran, const Ta
 }
 
 // Reads chunk `index` into c.buffer and decides what to write for it.
-void prepare_chunk(Chunk& c, SyncImage& src, const Target& dst, uint64_t index,
-                   uint64_t chunk_size) {
+void prepare_chunk(Chunk& c, SyncImage& src, const Target& dst, uint64_t index, uint64_t chunk_size,
+                   uint64_t sparse_size) {
   c.pos = index * chunk_size;
   const uint64_t n = std::min(chunk_size, src.size() - c.pos);
   SyncImage* below = dst.backing();
   const bool below_zero = !below || known_zero(*below, c.pos, n);
   const bool src_zero = known_zero(src, c.pos, n);
-  if (src_zero && below_zero) return;
+  if (src_zero && below_zero && sparse_size != 0) return;
   // Buffers are reused, not allocated per chunk: fresh memory costs a page fault per 4 KiB,
   // more than the copy out of the page cache.
   c.buffer.resize(chunk_size);
@@ -152,7 +179,7 @@ void prepare_chunk(Chunk& c, SyncImage& src, const Target& dst, uint64_t index,
   thread_local std::vector<uint8_t> below_data;
   below_data.resize(below_zero ? 0 : n);
   if (!below_zero) below->read(c.pos, below_data);
-  plan_runs(c, below_data, dst.granularity(), dst);
+  plan_runs(c, below_data, dst.granularity(), dst, sparse_size);
 }
 
 // The reader threads and the in-order hand-over to the writer.
@@ -165,7 +192,8 @@ class Pipeline {
         chunks_((src.size() + chunk_size - 1) / chunk_size),
         threads_(reader_threads(o.coroutines, o.compress)),
         window_(threads_ + 1),
-        direct_(o.out_of_order && !dst.qcow2) {
+        direct_(o.out_of_order && !dst.qcow2),
+        sparse_size_(o.sparse_size) {
     for (unsigned i = 0; i < threads_; ++i) readers_.emplace_back([this] { read_loop(); });
   }
   ~Pipeline() {
@@ -222,7 +250,7 @@ class Pipeline {
       }
       lock.unlock();
       try {
-        prepare_chunk(c, src_, dst_, index, chunk_size_);
+        prepare_chunk(c, src_, dst_, index, chunk_size_, sparse_size_);
         if (direct_) {
           dst_.apply(c);
           c.data = {};
@@ -250,6 +278,7 @@ class Pipeline {
   // readers and writer run at about the same speed.
   const uint64_t window_;
   const bool direct_;
+  const uint64_t sparse_size_;
   std::mutex mu_;
   std::condition_variable space_, ready_cv_;
   uint64_t next_ = 0, written_ = 0;
@@ -260,13 +289,32 @@ class Pipeline {
   std::vector<std::thread> readers_;
 };
 
+// -S as qemu-img 7.2 takes it: a size with the usual suffixes, a multiple of 512, at most 16 MiB.
+uint64_t parse_sparse_size(const char* text) {
+  uint64_t size;
+  try {
+    size = block::qcow2::parse_size(text);
+  } catch (const std::exception&) {
+    throw UsageError(
+        "Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E "
+        "suffixes for\nkiln-img: kilobytes, megabytes, gigabytes, terabytes, petabytes and "
+        "exabytes.");
+  }
+  if (size % 512 != 0 || size > (16u << 20)) {
+    throw UsageError(
+        "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up "
+        "to 16777216. Select 0 to disable sparse detection (fully allocates output).");
+  }
+  return size;
+}
+
 Options parse_args(int argc, char** argv) {
   Options o;
   optind = 1;
   static const option kLong[] = {{"force-share", no_argument, nullptr, 'U'},
                                  {"help", no_argument, nullptr, 'h'},
                                  {nullptr, 0, nullptr, 0}};
-  for (int c; (c = getopt_long(argc, argv, ":hf:O:o:B:F:cpqUWt:T:m:", kLong, nullptr)) != -1;) {
+  for (int c; (c = getopt_long(argc, argv, ":hf:O:o:B:F:cpqUWt:T:m:S:", kLong, nullptr)) != -1;) {
     switch (c) {
       case 'f':
         o.src_fmt = optarg;
@@ -312,6 +360,9 @@ Options parse_args(int argc, char** argv) {
         o.coroutines = int(n);
         break;
       }
+      case 'S':
+        o.sparse_size = parse_sparse_size(optarg);
+        break;
       case 'T':
         break;  // source cache mode: reads always go through the page cache here
       default:
