@@ -6,6 +6,7 @@
 // guest order, so a qcow2 target allocates its clusters in guest-offset order as qemu-img's
 // does. With -W and a raw target the readers write their chunks themselves: order does not
 // matter for a raw file.
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <getopt.h>
 
@@ -54,7 +55,8 @@ struct Options {
   std::string src_fmt, out_fmt = "raw", options, backing, backing_fmt;
   std::string cache = "unsafe";  // qemu-img convert's default for the target
   bool compress = false, progress = false, force_share = false, out_of_order = false;
-  int coroutines = 8;  // qemu-img's default number of parallel requests
+  bool no_create = false;  // -n: write into an existing target
+  int coroutines = 8;      // qemu-img's default number of parallel requests
   // -S: zero runs at least this long are left out of the target; 0 writes every byte (the
   // target is fully allocated). qemu-img's default is 4 KiB.
   uint64_t sparse_size = 4096;
@@ -79,24 +81,46 @@ struct Target {
   std::unique_ptr<RawImage> raw;
   bool compress = false;
   bool sync = false;
+  // A new target reads as zeros; an existing one (-n) must be told where zeros go.
+  bool zero_init = true;
 
   uint64_t granularity() const { return qcow2 ? qcow2->cluster_size() : 4096; }
-  // The chain under a qcow2 target (-B), whose contents the target need not repeat.
-  SyncImage* backing() const { return qcow2 ? qcow2->backing() : nullptr; }
+  // The chain under a new qcow2 target (-B), whose contents the target need not repeat. An
+  // existing target may hold anything over its backing: every cluster is written.
+  SyncImage* backing() const { return qcow2 && zero_init ? qcow2->backing() : nullptr; }
 
   void apply(const Chunk& c) {
     for (const Run& r : c.runs) {
-      const auto data = c.data.subspan(r.start, r.length);
       const uint64_t offset = c.pos + r.start;
+      if (r.kind == Run::kZero) {
+        write_zeroes(offset, r.length);
+        continue;
+      }
+      const auto data = c.data.subspan(r.start, r.length);
       if (!qcow2) {
-        raw->write(offset, data);  // raw targets start sparse: zero runs never reach here
-      } else if (r.kind == Run::kZero) {
-        qcow2->write_zeroes(offset, r.length, false);
+        raw->write(offset, data);
       } else if (r.kind == Run::kCompressed) {
         qcow2->write_compressed(offset, data, r.compressed);
       } else {
         qcow2->write(offset, data);
       }
+    }
+  }
+  void write_zeroes(uint64_t offset, uint64_t length) {
+    if (qcow2) {
+      qcow2->write_zeroes(offset, length, true);  // as qemu-img: BDRV_REQ_MAY_UNMAP
+      return;
+    }
+    // A raw target gets a hole where it can (only -n targets come here), zeros otherwise.
+    if (::fallocate(raw->fd(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(offset),
+                    off_t(length)) == 0) {
+      return;
+    }
+    static const std::vector<uint8_t> zeros(1 << 20);
+    for (uint64_t done = 0; done < length;) {
+      const uint64_t n = std::min<uint64_t>(zeros.size(), length - done);
+      raw->write(offset + done, std::span(zeros).first(n));
+      done += n;
     }
   }
   void flush() {
@@ -139,9 +163,10 @@ void plan_runs(Chunk& c, std::span<const uint8_t> below, uint64_t gran, const Ta
   for (uint64_t off = 0; off < data.size(); off += gran) {
     const auto piece = data.subspan(off, std::min(gran, data.size() - off));
     const bool zero = zeros[off / gran];
-    if (below.empty() ? zero : std::memcmp(piece.data(), below.data() + off, piece.size()) == 0) {
-      continue;  // the target reads this cluster right without writing it
-    }
+    const bool reads_right = below.empty()
+                                 ? zero && dst.zero_init
+                                 : std::memcmp(piece.data(), below.data() + off, piece.size()) == 0;
+    if (reads_right) continue;  // the target reads this cluster right without writing it
     const Run::Kind kind = zero                                   ? Run::kZero
                            : dst.compress && piece.size() == gran ? Run::kCompressed
                                                                   : Run::kData;
@@ -165,7 +190,10 @@ void prepare_chunk(Chunk& c, SyncImage& src, const Target& dst, uint64_t index, 
   SyncImage* below = dst.backing();
   const bool below_zero = !below || known_zero(*below, c.pos, n);
   const bool src_zero = known_zero(src, c.pos, n);
-  if (src_zero && below_zero && sparse_size != 0) return;
+  if (src_zero && below_zero && sparse_size != 0) {
+    if (!dst.zero_init) c.runs.push_back({Run::kZero, 0, n, {}});
+    return;
+  }
   // Buffers are reused, not allocated per chunk: fresh memory costs a page fault per 4 KiB,
   // more than the copy out of the page cache.
   c.buffer.resize(chunk_size);
@@ -314,7 +342,7 @@ Options parse_args(int argc, char** argv) {
   static const option kLong[] = {{"force-share", no_argument, nullptr, 'U'},
                                  {"help", no_argument, nullptr, 'h'},
                                  {nullptr, 0, nullptr, 0}};
-  for (int c; (c = getopt_long(argc, argv, ":hf:O:o:B:F:cpqUWt:T:m:S:", kLong, nullptr)) != -1;) {
+  for (int c; (c = getopt_long(argc, argv, ":hf:O:o:B:F:cnpqUWt:T:m:S:", kLong, nullptr)) != -1;) {
     switch (c) {
       case 'f':
         o.src_fmt = optarg;
@@ -333,6 +361,9 @@ Options parse_args(int argc, char** argv) {
         break;
       case 'c':
         o.compress = true;
+        break;
+      case 'n':
+        o.no_create = true;
         break;
       case 'p':
         o.progress = true;
@@ -399,6 +430,30 @@ void open_qcow2_target(Target& dst, const Options& o, const std::string& path, u
   }
 }
 
+// -n: the target exists already, in the -O format, and must hold the whole source.
+void open_existing_target(Target& dst, const Options& o, const std::string& path, uint64_t size) {
+  if (!o.options.empty()) throw UsageError("-o has no effect when skipping image creation");
+  if (o.out_fmt != "qcow2" && o.out_fmt != "raw") {
+    throw UsageError(fmt::format("Unknown file format '{}'", o.out_fmt));
+  }
+  try {
+    if (o.out_fmt == "qcow2") {
+      block::qcow2::OpenOptions oo;
+      oo.read_only = false;
+      oo.format = "qcow2";
+      oo.unsafe = !dst.sync;
+      dst.qcow2 = Image::open(path, oo);
+    } else {
+      dst.raw = RawImage::open(path, false, false);
+    }
+  } catch (const std::exception& e) {
+    throw UsageError(fmt::format("Could not open '{}': {}", path, e.what()));
+  }
+  dst.zero_init = false;
+  const uint64_t target_size = dst.qcow2 ? dst.qcow2->size() : dst.raw->size();
+  if (target_size < size) throw UsageError("output file is smaller than input file");
+}
+
 void print_progress(uint64_t done, uint64_t size, int& last_percent) {
   const int percent = size ? int(done * 10000 / size) : 10000;
   if (percent == last_percent) return;
@@ -423,7 +478,9 @@ int cmd_convert(int argc, char** argv) {
   Target dst;
   dst.compress = o.compress;
   dst.sync = o.cache != "unsafe";
-  if (o.out_fmt == "qcow2") {
+  if (o.no_create) {
+    open_existing_target(dst, o, dst_path, size);
+  } else if (o.out_fmt == "qcow2") {
     open_qcow2_target(dst, o, dst_path, size);
   } else if (o.out_fmt == "raw") {
     const auto opts = parse_options(o.options);

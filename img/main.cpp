@@ -68,7 +68,7 @@ void print_usage() {
       "Command syntax:\n"
       "  check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename\n"
       "  create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-o options] filename [size]\n"
-      "  convert [-c] [-p] [-q] [-U] [-W] [-m num_coroutines] [-S sparse_size] [-f fmt] "
+      "  convert [-c] [-n] [-p] [-q] [-U] [-W] [-m num_coroutines] [-S sparse_size] [-f fmt] "
       "[-O output_fmt] "
       "[-B backing_file [-F backing_fmt]] [-o options] filename output_filename\n"
       "  info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename\n"

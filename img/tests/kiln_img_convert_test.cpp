@@ -152,5 +152,33 @@ TEST_F(ConvertTest, SparseSizeAsQemu) {
   EXPECT_EQ(kiln("convert -S abc -O raw src.raw x.raw").status, 1);
 }
 
+// -n writes into an existing, larger target full of other data: afterwards the source's range
+// reads as the source (zeros included), the rest is untouched, and the qcow2 map is qemu-img's.
+TEST_F(ConvertTest, NoCreateOverwritesAnExistingTarget) {
+  for (const char* out : {"raw", "qcow2"}) {
+    for (const char* tool : {"k", "q"}) {
+      SCOPED_TRACE(fmt::format("{} {}", out, tool));
+      const std::string target = fmt::format("{}.{}", tool, out);
+      sh(fmt::format("qemu-img create -q -f {} {} 32M", out, target));
+      sh(fmt::format("qemu-io -f {} -c 'write -P 0x99 0 32M' {} >/dev/null", out, target));
+      const std::string args = fmt::format("convert -n -m 4 -O {} src.raw {}", out, target);
+      ASSERT_EQ((tool == std::string("k") ? kiln(args) : qemu(args)).status, 0);
+      sh(fmt::format(
+          "qemu-img convert -f {} -O raw {} flat.raw && cmp -n 25165312 src.raw flat.raw", out,
+          target));
+      // qemu-io exits 1 when the pattern does not match.
+      sh(fmt::format("qemu-io -f {} -c 'read -P 0x99 25165824 8M' {} >/dev/null", out, target));
+    }
+    if (out == std::string("qcow2")) {
+      EXPECT_EQ(sh("qemu-img map --output=json k.qcow2"), sh("qemu-img map --output=json q.qcow2"));
+      expect_check_clean("k.qcow2");
+    }
+  }
+  expect_same_error("convert -n -O qcow2 -o cluster_size=4k src.raw k.qcow2");
+  expect_same_error("convert -n -O raw src.raw missing.raw");
+  sh("qemu-img create -q -f raw small.raw 1M");
+  expect_same_error("convert -n -O raw src.raw small.raw");
+}
+
 }  // namespace
 }  // namespace kiln::img::testing
