@@ -155,10 +155,12 @@ class VhostVsockBackend : public devices::virtio::VsockBackend {
     program_vhost(vhost_, start.features & features_, *start.memory, start.rings);
     vhost_.set_running(true);
   }
-  void stop() override {
+  std::vector<uint16_t> stop() override {
     vhost_.set_running(false);
+    std::vector<uint16_t> next_avail;  // getting a ring's base also stops it
     for (uint32_t index : {devices::virtio::kVsockRxQueue, devices::virtio::kVsockTxQueue})
-      vhost_.get_vring_base(index);  // stops the ring
+      next_avail.push_back(uint16_t(vhost_.get_vring_base(index)));
+    return next_avail;
   }
 
  private:

@@ -4,7 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <optional>
+#include <string>
 
 #include "devices/virtio/queue.h"
 #include "memory/guest_memory.h"
@@ -42,6 +44,25 @@ inline std::optional<KernelRing> describe_kernel_ring(const Queue& queue, uint16
   ring.kick_fd = kick_fd;
   ring.call_fd = call_fd;
   return ring;
+}
+
+// After the back-end stopped a ring: the queue carries on where the kernel got to, the avail
+// index as the kernel reports it (VHOST_GET_VRING_BASE) and the used index from the ring the
+// kernel wrote. Returns an error text (the queue unchanged) if that state is refused.
+inline std::optional<std::string> take_back_kernel_ring(Queue& queue, uint16_t next_avail,
+                                                        const memory::GuestMemory& memory) {
+  QueueState state = queue.save();
+  auto used_idx = memory.read_obj<uint16_t>(queue.used_ring() + 2);
+  if (!used_idx) return "used ring outside guest memory";
+  state.next_avail = next_avail;
+  state.next_used = *used_idx;
+  state.signalled_used_valid = false;  // the kernel decided; the next interrupt is not skipped
+  try {
+    queue.restore(state, memory);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return std::nullopt;
 }
 
 }  // namespace kiln::devices::virtio

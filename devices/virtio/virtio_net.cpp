@@ -270,18 +270,8 @@ void VirtioNet::stop_kernel_locked() {
   // from the ring it wrote.
   const memory::GuestMemory* memory = activation_.memory;
   for (size_t i = 0; memory && i < next_avail.size() && i < 2; ++i) {
-    Queue& queue = activation_.queues[i];
-    QueueState state = queue.save();
-    auto used_idx = memory->read_obj<uint16_t>(queue.used_ring() + 2);
-    if (!used_idx) continue;
-    state.next_avail = next_avail[i];
-    state.next_used = *used_idx;
-    state.signalled_used_valid = false;  // the kernel decided; the next interrupt is not skipped
-    try {
-      queue.restore(state, *memory);
-    } catch (const std::exception& e) {
-      log_.warn(std::string("virtio-net: taking the rings back: ") + e.what());
-    }
+    if (auto error = take_back_kernel_ring(activation_.queues[i], next_avail[i], *memory))
+      log_.warn("virtio-net: taking the rings back: " + *error);
   }
 }
 

@@ -48,23 +48,26 @@ void VirtioVsock::read_config(uint64_t offset, std::span<uint8_t> data) {
 bool VirtioVsock::activate(const VirtioActivation& activation) {
   std::lock_guard lock(mutex_);
   if (activation.queues.size() != 3) return false;
-  const memory::GuestMemory& memory = *activation.memory;
-  VsockStart start;
-  start.features = activation.acked_features;
-  start.memory = &memory;
   for (uint16_t q : {kVsockRxQueue, kVsockTxQueue}) {
-    const Queue& queue = activation.queues[q];
-    if (!queue.ready()) {
+    if (!activation.queues[q].ready()) {
       log_.warn("virtio-vsock: the driver did not enable the rx and tx queues");
       return false;
     }
-    auto ring = describe_kernel_ring(queue, q, memory, kick_[q].get(), call_[q].get());
-    if (!ring) return false;
-    start.rings.push_back(*ring);
   }
-  // The back-end's "call" means used buffers: raise the queue's interrupt. No device lock in
-  // the callback: reset() removes these watches while holding it.
-  VirtioInterrupt* interrupt = activation.interrupt;
+  activation_ = activation;
+  relay_calls_locked();
+  if (!start_backend_locked()) {
+    stop_locked();
+    return false;
+  }
+  active_ = true;
+  return true;
+}
+
+// The back-end's "call" means used buffers: raise the queue's interrupt. No device lock in the
+// callback: reset() removes these watches while holding it.
+void VirtioVsock::relay_calls_locked() {
+  VirtioInterrupt* interrupt = activation_.interrupt;
   for (uint16_t q : {kVsockRxQueue, kVsockTxQueue}) {
     int fd = call_[q].get();
     loop_.add(fd, [this, fd, q, interrupt](uint32_t) {
@@ -75,19 +78,56 @@ bool VirtioVsock::activate(const VirtioActivation& activation) {
     });
   }
   watching_ = true;
+}
+
+// Hands rx and tx, from where the queues stand, to the back-end.
+bool VirtioVsock::start_backend_locked() {
+  const memory::GuestMemory& memory = *activation_.memory;
+  VsockStart start;
+  start.features = activation_.acked_features;
+  start.memory = &memory;
+  for (uint16_t q : {kVsockRxQueue, kVsockTxQueue}) {
+    auto ring =
+        describe_kernel_ring(activation_.queues[q], q, memory, kick_[q].get(), call_[q].get());
+    if (!ring) return false;
+    start.rings.push_back(*ring);
+  }
   try {
     backend_->start(start);
   } catch (const std::exception& e) {
     log_.warn(std::string("virtio-vsock: cannot start the back-end: ") + e.what());
-    stop_locked();
     return false;
   }
   metrics_.starts++;
-  activation_ = activation;
-  active_ = true;
   // Buffers the driver made available before the back-end ran are seen on this first kick.
   for (auto& kick : kick_) signal_eventfd(kick.get());
   return true;
+}
+
+void VirtioVsock::pause() {
+  std::lock_guard lock(mutex_);
+  if (!active_ || paused_) return;
+  paused_ = true;
+  std::vector<uint16_t> next_avail;
+  try {
+    next_avail = backend_->stop();
+  } catch (const std::exception& e) {
+    log_.warn(std::string("virtio-vsock: stopping the back-end: ") + e.what());
+  }
+  for (size_t i = 0; i < next_avail.size() && i < 2; ++i) {
+    if (auto error =
+            take_back_kernel_ring(activation_.queues[i], next_avail[i], *activation_.memory)) {
+      log_.warn("virtio-vsock: taking the rings back: " + *error);
+    }
+  }
+}
+
+void VirtioVsock::resume() {
+  std::lock_guard lock(mutex_);
+  if (!active_ || !paused_) return;
+  paused_ = false;
+  if (!start_backend_locked())
+    activation_.interrupt->needs_reset("virtio-vsock: the back-end did not restart");
 }
 
 void VirtioVsock::process_queue(uint16_t queue) {
@@ -124,7 +164,7 @@ void VirtioVsock::reset() {
 }
 
 void VirtioVsock::stop_locked() {
-  if (active_) {
+  if (active_ && !paused_) {
     try {
       backend_->stop();
     } catch (const std::exception& e) {
@@ -136,6 +176,7 @@ void VirtioVsock::stop_locked() {
     watching_ = false;
   }
   active_ = false;
+  paused_ = false;
   activation_ = {};
   event_heads_.clear();
 }

@@ -41,7 +41,8 @@ class VsockBackend {
   // Ring and device features the back-end can do (VIRTIO_F_*, VIRTIO_RING_F_*).
   virtual uint64_t features() const = 0;
   virtual void start(const VsockStart& start) = 0;
-  virtual void stop() = 0;
+  // Stops both rings; returns where the kernel got to in each (rx, tx: next avail index).
+  virtual std::vector<uint16_t> stop() = 0;
 };
 
 struct VsockMetrics {
@@ -72,7 +73,15 @@ class VirtioVsock : public VirtioDevice {
   size_t event_buffers() const;
   const VsockMetrics& metrics() const { return metrics_; }
 
+  // Stops vhost-vsock and writes where it got to back into the rx and tx queues, so that the
+  // transport's save() describes the rings exactly; resume() hands them back. For a paused VM
+  // (vCPUs stopped), as VirtioNet::pause().
+  void pause();
+  void resume();
+
  private:
+  bool start_backend_locked();
+  void relay_calls_locked();
   void stop_locked();
   void take_event_buffers_locked();
 
@@ -83,6 +92,7 @@ class VirtioVsock : public VirtioDevice {
   UniqueFd call_[2];
   mutable std::mutex mutex_;
   bool active_ = false;
+  bool paused_ = false;
   bool watching_ = false;
   VirtioActivation activation_;
   std::vector<uint16_t> event_heads_;

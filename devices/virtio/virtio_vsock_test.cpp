@@ -18,6 +18,7 @@ struct FakeBackendState {
   uint64_t features = kFeatureVersion1 | kFeatureRingEventIdx | kFeatureRingIndirectDesc;
   bool fail_start = false;
   int starts = 0, stops = 0;
+  std::vector<uint16_t> stopped_at = {0, 0};  // what stop() reports as the kernel's avail indexes
   VsockStart last;
 };
 
@@ -31,9 +32,10 @@ class FakeBackend : public VsockBackend {
     s_.starts++;
     s_.last = start;
   }
-  void stop() override {
+  std::vector<uint16_t> stop() override {
     std::lock_guard lock(s_.mutex);
     s_.stops++;
+    return s_.stopped_at;
   }
 
  private:
@@ -152,6 +154,29 @@ TEST(VirtioVsock, EventBuffersAreKeptAndResetStopsTheBackend) {
   ASSERT_TRUE(g.bring_up());
   std::lock_guard lock(g.backend.mutex);
   EXPECT_EQ(g.backend.starts, 2);
+}
+
+// Pausing takes the rings back from the kernel where it got to (avail index from the back-end,
+// used index from the ring), so a saved queue state is exact; resuming restarts from there.
+TEST(VirtioVsock, PauseTakesTheRingsBackAndResumeHandsThemOver) {
+  VsockGuest g;
+  ASSERT_TRUE(g.bring_up());
+  g.backend.stopped_at = {5, 7};
+  g.m.memory.write_obj<uint16_t>(0x101000 + 2, 6);  // avail idx: the driver posted 6 and 8
+  g.m.memory.write_obj<uint16_t>(0x111000 + 2, 8);
+  g.m.memory.write_obj<uint16_t>(0x102000 + 2, 4);  // rx used idx, as the kernel left it
+  g.m.memory.write_obj<uint16_t>(0x112000 + 2, 7);  // tx
+  g.vsock->pause();
+  g.vsock->pause();  // idempotent
+  EXPECT_EQ(g.backend.stops, 1);
+  EXPECT_EQ(g.backend.starts, 1);
+  g.vsock->resume();
+  std::lock_guard lock(g.backend.mutex);
+  EXPECT_EQ(g.backend.starts, 2);
+  ASSERT_EQ(g.backend.last.rings.size(), 2u);
+  EXPECT_EQ(g.backend.last.rings[0].next_avail, 5);
+  EXPECT_EQ(g.backend.last.rings[1].next_avail, 7);
+  EXPECT_FALSE(g.driver.status() & kStatusNeedsReset);
 }
 
 TEST(VirtioVsock, BackendFailureMeansNeedsReset) {
