@@ -22,9 +22,12 @@ struct FakeBackendState {
   VsockStart last;
 };
 
+// Shares the state with the test: the device (kept alive by the bus in TestMachine) may stop
+// its back-end after the test's own members are gone.
 class FakeBackend : public VsockBackend {
  public:
-  explicit FakeBackend(FakeBackendState& state) : s_(state) {}
+  explicit FakeBackend(std::shared_ptr<FakeBackendState> state)
+      : state_(std::move(state)), s_(*state_) {}
   uint64_t features() const override { return s_.features; }
   void start(const VsockStart& start) override {
     std::lock_guard lock(s_.mutex);
@@ -39,6 +42,7 @@ class FakeBackend : public VsockBackend {
   }
 
  private:
+  std::shared_ptr<FakeBackendState> state_;
   FakeBackendState& s_;
 };
 
@@ -49,7 +53,8 @@ uint64_t eventfd_count(int fd) {
 
 struct VsockGuest {
   VsockGuest()
-      : vsock(std::make_shared<VirtioVsock>(42, std::make_unique<FakeBackend>(backend), m.loop)),
+      : vsock(std::make_shared<VirtioVsock>(42, std::make_unique<FakeBackend>(backend_state),
+                                            m.loop)),
         transport(std::make_shared<VirtioPciDevice>(vsock, m.memory, m.msi, m.loop, &m.notify)),
         driver(m, m.root.add(transport)),
         rx(m.memory, 64, 0x100000, 0x101000, 0x102000),
@@ -67,7 +72,8 @@ struct VsockGuest {
   }
 
   TestMachine m;
-  FakeBackendState backend;
+  std::shared_ptr<FakeBackendState> backend_state = std::make_shared<FakeBackendState>();
+  FakeBackendState& backend = *backend_state;
   std::shared_ptr<VirtioVsock> vsock;
   std::shared_ptr<VirtioPciDevice> transport;
   VirtioPciTestDriver driver;
@@ -81,8 +87,8 @@ TEST(VirtioVsock, ConfigHasTheGuestCidAndFeaturesFollowTheBackend) {
   EXPECT_EQ(g.driver.device_config(4, 4), 0u);
   EXPECT_EQ(g.driver.device_features(),
             kFeatureVersion1 | kFeatureRingEventIdx | kFeatureRingIndirectDesc);
-  FakeBackendState plain;
-  plain.features = kFeatureVersion1;
+  auto plain = std::make_shared<FakeBackendState>();
+  plain->features = kFeatureVersion1;
   VirtioVsock limited(3, std::make_unique<FakeBackend>(plain), g.m.loop);
   EXPECT_EQ(limited.device_features(), kFeatureVersion1);
 }
