@@ -424,58 +424,63 @@ void VirtioNet::receive_locked() {
   }
 }
 
-// Without VIRTIO_NET_F_MRG_RXBUF: one frame per chain. True if a chain was used.
-bool VirtioNet::receive_one_locked(Queue& queue) {
-  const memory::GuestMemory& memory = *activation_.memory;
+// Both receive paths take their buffers here.
+VirtioNet::RxPop VirtioNet::pop_receive_chain_locked(Queue& queue, DescriptorChain& chain) {
   for (int rearms = 0;;) {
-    DescriptorChain chain;
-    Queue::PopStatus status = queue.pop(memory, chain);
+    Queue::PopStatus status = queue.pop(*activation_.memory, chain);
+    if (status == Queue::PopStatus::kChain) return RxPop::kChain;
     if (status == Queue::PopStatus::kError) {
       unwatch_backend_locked();
       activation_.interrupt->needs_reset("virtio-net receiveq: " + queue.error());
-      return false;
+      return RxPop::kBroken;
     }
-    if (status == Queue::PopStatus::kEmpty) {
-      // Re-arm the guest's kick and look once more: buffers posted in between must not wait.
-      if (queue.enable_notification()) {
-        if (++rearms < kRearmLimit) continue;
-        return false;  // still watching the tap: the next wake-up looks again
-      }
-      // Nowhere to put frames: stop watching the tap until the guest posts buffers.
-      metrics_.rx_pauses++;
-      unwatch_backend_locked();
-      return false;
-    }
-    ChainBuffers buffers(chain, true);
-    auto iov = buffers.iovecs(0, buffers.size());
-    if (buffers.size() < kNetHeaderSize || iov.size() > IOV_MAX) {
-      log_.warn(fmt::format("virtio-net: unusable receive buffer ({} bytes in {} pieces)",
-                            buffers.size(), iov.size()));
-      metrics_.rx_bad_buffers++;
-      return queue.add_used(memory, chain.head, 0);
-    }
-    ssize_t got = ::readv(backend_->fd(), iov.data(), int(iov.size()));
-    if (got < ssize_t(kNetHeaderSize)) {
-      queue.undo_pop();  // the buffer stays the guest's for the next frame
-      if (got < 0 && errno != EAGAIN && errno != EINTR) {
-        log_.warn(fmt::format("virtio-net: tap read failed: {}", std::strerror(errno)));
-        unwatch_backend_locked();
-      }
-      return false;
-    }
-    // The tap leaves num_buffers alone; without VIRTIO_NET_F_MRG_RXBUF it is 1 (spec 5.1.6.3).
-    const uint8_t one[2] = {1, 0};
-    buffers.write(memory, kNetNumBuffersOffset, one);
-    buffers.mark_dirty(memory, 0, uint64_t(got));
-    metrics_.rx_packets++;
-    metrics_.rx_bytes += uint64_t(got) - kNetHeaderSize;
-    if (!queue.add_used(memory, chain.head, uint32_t(got))) {
-      unwatch_backend_locked();
-      activation_.interrupt->needs_reset("virtio-net: receive used ring unwritable");
-      return false;
-    }
-    return true;
+    // Re-arm the guest's kick and look once more: buffers posted in between must not wait.
+    if (!queue.enable_notification()) return RxPop::kEmpty;
+    if (++rearms >= kRearmLimit) return RxPop::kBusy;
   }
+}
+
+// Without VIRTIO_NET_F_MRG_RXBUF: one frame per chain. True if a chain was used.
+bool VirtioNet::receive_one_locked(Queue& queue) {
+  const memory::GuestMemory& memory = *activation_.memory;
+  DescriptorChain chain;
+  const RxPop popped = pop_receive_chain_locked(queue, chain);
+  if (popped == RxPop::kEmpty) {
+    // Nowhere to put frames: stop watching the tap until the guest posts buffers.
+    metrics_.rx_pauses++;
+    unwatch_backend_locked();
+  }
+  // kBusy: still watching the tap, the next wake-up looks again.
+  if (popped != RxPop::kChain) return false;
+  ChainBuffers buffers(chain, true);
+  auto iov = buffers.iovecs(0, buffers.size());
+  if (buffers.size() < kNetHeaderSize || iov.size() > IOV_MAX) {
+    log_.warn(fmt::format("virtio-net: unusable receive buffer ({} bytes in {} pieces)",
+                          buffers.size(), iov.size()));
+    metrics_.rx_bad_buffers++;
+    return queue.add_used(memory, chain.head, 0);
+  }
+  ssize_t got = ::readv(backend_->fd(), iov.data(), int(iov.size()));
+  if (got < ssize_t(kNetHeaderSize)) {
+    queue.undo_pop();  // the buffer stays the guest's for the next frame
+    if (got < 0 && errno != EAGAIN && errno != EINTR) {
+      log_.warn(fmt::format("virtio-net: tap read failed: {}", std::strerror(errno)));
+      unwatch_backend_locked();
+    }
+    return false;
+  }
+  // The tap leaves num_buffers alone; without VIRTIO_NET_F_MRG_RXBUF it is 1 (spec 5.1.6.3).
+  const uint8_t one[2] = {1, 0};
+  buffers.write(memory, kNetNumBuffersOffset, one);
+  buffers.mark_dirty(memory, 0, uint64_t(got));
+  metrics_.rx_packets++;
+  metrics_.rx_bytes += uint64_t(got) - kNetHeaderSize;
+  if (!queue.add_used(memory, chain.head, uint32_t(got))) {
+    unwatch_backend_locked();
+    activation_.interrupt->needs_reset("virtio-net: receive used ring unwritable");
+    return false;
+  }
+  return true;
 }
 
 bool VirtioNet::receive_merged_locked(MergeState& state) {
@@ -548,23 +553,13 @@ bool VirtioNet::receive_merged_locked(MergeState& state) {
 // Takes chains from the ring until the usable ones hold `want` bytes or there are no more.
 // False if the queue broke (NEEDS_RESET raised).
 bool VirtioNet::hold_buffers_locked(MergeState& state, uint64_t want) {
-  const memory::GuestMemory& memory = *activation_.memory;
   Queue& queue = state.queue;
   state.pieces_full = false;
-  int rearms = 0;
   while (state.capacity < want && state.count() < queue.size()) {
     DescriptorChain chain;
-    Queue::PopStatus status = queue.pop(memory, chain);
-    if (status == Queue::PopStatus::kError) {
-      unwatch_backend_locked();
-      activation_.interrupt->needs_reset("virtio-net receiveq: " + queue.error());
-      return false;
-    }
-    if (status == Queue::PopStatus::kEmpty) {
-      // Re-arm the guest's kick and look once more: buffers posted in between must not wait.
-      if (queue.enable_notification() && ++rearms < kRearmLimit) continue;
-      return true;
-    }
+    const RxPop popped = pop_receive_chain_locked(queue, chain);
+    if (popped == RxPop::kBroken) return false;
+    if (popped != RxPop::kChain) return true;  // the caller decides whether to wait
     ChainBuffers buffers(chain, true);
     size_t pieces = buffers.segment_count();
     // Spec 5.1.6.3.1: with MRG_RXBUF every buffer holds at least a virtio_net_hdr.

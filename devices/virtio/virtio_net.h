@@ -124,6 +124,10 @@ class VirtioNet : public VirtioDevice {
   struct MergeState;
   void transmit_locked();
   void receive_locked();
+  // kEmpty: no buffer, and the guest's kick is armed for its next ones. kBusy: the ring kept
+  // changing while re-arming (kRearmLimit tries). kBroken: NEEDS_RESET raised.
+  enum class RxPop { kChain, kEmpty, kBusy, kBroken };
+  RxPop pop_receive_chain_locked(Queue& queue, DescriptorChain& chain);
   bool receive_one_locked(Queue& queue);
   bool receive_merged_locked(MergeState& state);
   bool hold_buffers_locked(MergeState& state, uint64_t want);
