@@ -100,7 +100,9 @@ void RawImage::read(uint64_t offset, std::span<uint8_t> buf) {
 
 void RawImage::write(uint64_t offset, std::span<const uint8_t> buf) {
   pwrite_all(fd_.get(), buf, offset);
-  size_ = std::max(size_, offset + buf.size());
+  // Only a write past the end changes the size: convert -W writes a full-size target from
+  // several threads, which then only read size_.
+  if (offset + buf.size() > size_) size_ = offset + buf.size();
 }
 
 void RawImage::flush() {
