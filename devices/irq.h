@@ -24,11 +24,16 @@ class InterruptTrigger {
 // One MSI / MSI-X vector: the guest programs address and data, the device triggers it.
 class MsiVector : public InterruptTrigger {
  public:
-  // Called when the guest writes the vector's table entry or (un)masks it.
+  // Called when the guest writes the vector's table entry or (un)masks it. While `masked` no
+  // message may reach the guest, not even one a kernel back-end signals on eventfd(): such
+  // signals are held until the vector is unmasked (then delivered once) or take_pending().
   virtual void configure(uint64_t address, uint32_t data, bool masked) = 0;
   // An eventfd whose every write raises this vector inside the host kernel (a KVM irqfd), for
   // back-ends that run in the kernel too; -1 if there is none.
   virtual int eventfd() const { return -1; }
+  // While masked: consumes the signals held from eventfd(); true if there were any (the MSI-X
+  // model then shows the vector as pending).
+  virtual bool take_pending() { return false; }
 };
 
 // Hands out MSI vectors (the VMM backs each by a GSI route and an irqfd).

@@ -62,40 +62,59 @@ class KvmIrqLine : public devices::IrqLine {
 };
 
 // One MSI-X vector: a GSI routed to the address/data the guest programmed, and an irqfd on it,
-// so a device thread raises the interrupt with one eventfd write and no trip through kiln.
+// so a device thread (or vhost in the kernel) raises the interrupt with one eventfd write and no
+// trip through kiln. While the guest masks the vector the irqfd is detached: signals then stay
+// in the eventfd's counter, and attaching it again on unmask makes KVM deliver them (KVM_IRQFD
+// injects at once when the eventfd is already signalled). The route is only rewritten on
+// unmask, so a guest rewriting a masked entry field by field never has half of it live.
 class KvmMsiVector : public devices::MsiVector {
  public:
   explicit KvmMsiVector(hv::Vm& vm) : vm_(vm), gsi_(vm.allocate_gsi()) {
     fd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     if (!fd_) throw std::system_error(errno, std::generic_category(), "eventfd for an MSI vector");
-    vm_.add_irqfd(fd_.get(), gsi_);
   }
   ~KvmMsiVector() override {
     try {
-      vm_.remove_irqfd(fd_.get(), gsi_);
+      if (attached_) vm_.remove_irqfd(fd_.get(), gsi_);
       if (routed_) vm_.remove_msi_route(gsi_);
     } catch (const std::exception& e) {
       spdlog::warn("releasing MSI vector (gsi {}): {}", gsi_, e.what());
     }
   }
   void configure(uint64_t address, uint32_t data, bool masked) override {
-    // A masked vector keeps its route; the MSI-X model holds back (and records as pending)
-    // interrupts while masked, so the route only matters once it is unmasked.
-    (void)masked;
-    vm_.set_msi_route(gsi_, address, data);
-    routed_ = true;
+    if (masked) {
+      if (attached_) vm_.remove_irqfd(fd_.get(), gsi_);
+      attached_ = false;
+      return;
+    }
+    if (!routed_ || address != address_ || data != data_) {
+      vm_.set_msi_route(gsi_, address, data);  // rebuilds KVM's whole table: only on change
+      routed_ = true;
+      address_ = address;
+      data_ = data;
+    }
+    if (!attached_) vm_.add_irqfd(fd_.get(), gsi_);
+    attached_ = true;
   }
   void trigger() override {
     uint64_t one = 1;
     [[maybe_unused]] ssize_t n = ::write(fd_.get(), &one, sizeof(one));
   }
   int eventfd() const override { return fd_.get(); }
+  bool take_pending() override {
+    uint64_t count = 0;
+    return !attached_ && ::read(fd_.get(), &count, sizeof(count)) == ssize_t(sizeof(count));
+  }
 
  private:
   hv::Vm& vm_;
   uint32_t gsi_;
   UniqueFd fd_;
+  // Guarded by the MSI-X model's lock, which every configure()/take_pending() runs under.
+  bool attached_ = false;
   bool routed_ = false;
+  uint64_t address_ = 0;
+  uint32_t data_ = 0;
 };
 
 class KvmMsiAllocator : public devices::MsiAllocator {

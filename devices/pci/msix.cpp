@@ -88,6 +88,11 @@ void Msix::sync_entry_locked(uint16_t vector) {
   }
 }
 
+void Msix::collect_held_locked(uint16_t vector) const {
+  if (delivery_blocked_locked(vector) && vectors_[vector]->take_pending())
+    pending_[vector / 64] |= 1ull << (vector % 64);
+}
+
 void Msix::sync_all_locked() {
   for (uint16_t v = 0; v < num_vectors(); ++v) sync_entry_locked(v);
 }
@@ -119,6 +124,8 @@ void Msix::table_write(uint64_t offset, std::span<const uint8_t> data) {
 
 void Msix::pba_read(uint64_t offset, std::span<uint8_t> data) const {
   std::lock_guard lock(mutex_);
+  for (uint64_t v = offset * 8; v < (offset + data.size()) * 8 && v < num_vectors(); ++v)
+    collect_held_locked(uint16_t(v));
   for (size_t i = 0; i < data.size(); ++i) {
     uint64_t byte = offset + i;
     data[i] = byte / 8 < pending_.size() ? uint8_t(pending_[byte / 8] >> (8 * (byte % 8))) : 0;
@@ -138,17 +145,20 @@ bool Msix::trigger(uint16_t vector) {
 
 int Msix::direct_eventfd(uint16_t vector) const {
   std::lock_guard lock(mutex_);
-  if (!enabled_ || vector >= num_vectors() || function_masked_ || entry_masked(vector)) return -1;
+  if (!enabled_ || vector >= num_vectors()) return -1;
   return vectors_[vector]->eventfd();
 }
 
 bool Msix::pending(uint16_t vector) const {
   std::lock_guard lock(mutex_);
-  return vector < num_vectors() && (pending_[vector / 64] >> (vector % 64)) & 1;
+  if (vector >= num_vectors()) return false;
+  collect_held_locked(vector);
+  return (pending_[vector / 64] >> (vector % 64)) & 1;
 }
 
 MsixState Msix::save() const {
   std::lock_guard lock(mutex_);
+  for (uint16_t v = 0; v < num_vectors(); ++v) collect_held_locked(v);
   MsixState state;
   state.enabled = enabled_;
   state.function_masked = function_masked_;

@@ -55,10 +55,9 @@ class Msix {
   // `vector` is out of range (the message is dropped: there is no INTx fallback here).
   bool trigger(uint16_t vector);
   bool pending(uint16_t vector) const;
-  // The eventfd that raises `vector` in the kernel (MsiVector::eventfd) if a message sent now
-  // would be delivered (MSI-X on, neither the function nor the entry masked), else -1. A
-  // back-end that signals it directly bypasses later masking: only for vectors the guest keeps
-  // unmasked while the device runs (virtqueue vectors).
+  // The eventfd that raises `vector` in the kernel (MsiVector::eventfd) while MSI-X is on, else
+  // -1. Masking holds its signals back like the model's own (MsiVector::configure), so a kernel
+  // back-end may keep signalling it whatever the guest does with the mask bits.
   int direct_eventfd(uint16_t vector) const;
 
   MsixState save() const;
@@ -69,6 +68,8 @@ class Msix {
   uint32_t entry_data(uint16_t vector) const;
   bool entry_masked(uint16_t vector) const;
   bool delivery_blocked_locked(uint16_t vector) const;
+  // Moves signals a kernel back-end sent to a masked vector into the pending bits.
+  void collect_held_locked(uint16_t vector) const;
   // Pushes the entry to its MsiVector and fires a pending message the guest just unmasked.
   void sync_entry_locked(uint16_t vector);
   void sync_all_locked();
@@ -77,7 +78,8 @@ class Msix {
   bool enabled_ = false;
   bool function_masked_ = false;
   std::vector<uint8_t> table_;
-  std::vector<uint64_t> pending_;
+  // Mutable: readers (the PBA, save()) first collect the signals masked vectors hold.
+  mutable std::vector<uint64_t> pending_;
   std::vector<std::unique_ptr<MsiVector>> vectors_;
 };
 

@@ -263,6 +263,40 @@ TEST_F(MsixTest, MaskedVectorSetsPendingAndFiresOnUnmask) {
   EXPECT_EQ(pba(), 0u);
 }
 
+// A kernel back-end (vhost) signals the vector's irqfd directly, masked or not: the vector holds
+// the signal while masked, the PBA shows it, and unmasking delivers it once.
+TEST_F(MsixTest, KernelSignalsToAMaskedVectorShowInThePbaAndFireOnUnmask) {
+  enable();
+  msi_.vectors[1]->direct_fd = 42;
+  program(1, 0xFEE0'0000, 0x41, true);
+  EXPECT_EQ(device_->msix.direct_eventfd(1), 42);  // handed out even while masked
+  msi_.vectors[1]->held_signals = 3;
+  EXPECT_EQ(pba(), 1u << 1);
+  EXPECT_EQ(msi_.vectors[1]->held_signals, 0);
+  EXPECT_EQ(msi_.vectors[1]->triggers, 0);
+  mmio_write32(table_ + kMsixEntrySize + 12, 0);  // unmask
+  EXPECT_FALSE(msi_.vectors[1]->masked);
+  EXPECT_EQ(msi_.vectors[1]->triggers, 1);
+  EXPECT_EQ(pba(), 0u);
+}
+
+TEST_F(MsixTest, HeldKernelSignalsAreSavedAsPending) {
+  enable();
+  program(0, 0xFEE0'0000, 0x40, true);
+  msi_.vectors[0]->held_signals = 1;
+  MsixState state = device_->msix.save();
+  EXPECT_EQ(state.pending.at(0), 1u);
+  EXPECT_TRUE(device_->msix.pending(0));
+}
+
+TEST_F(MsixTest, DirectEventfdNeedsMsixEnabled) {
+  msi_.vectors[0]->direct_fd = 7;
+  EXPECT_EQ(device_->msix.direct_eventfd(0), -1);
+  enable(/*function_mask=*/true);
+  EXPECT_EQ(device_->msix.direct_eventfd(0), 7);
+  EXPECT_EQ(device_->msix.direct_eventfd(4), -1);  // no such vector
+}
+
 TEST_F(MsixTest, FunctionMaskHoldsEveryVector) {
   enable(/*function_mask=*/true);
   program(0, 0xFEE0'0000, 0x31, false);

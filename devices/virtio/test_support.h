@@ -7,6 +7,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "devices/irq.h"
@@ -28,6 +29,10 @@ class FakeMsiVector : public MsiVector {
   }
   void trigger() override { triggers++; }
   int eventfd() const override { return direct_fd; }
+  bool take_pending() override {
+    std::lock_guard lock(mutex);
+    return masked && std::exchange(held_signals, 0) > 0;
+  }
 
   std::mutex mutex;
   uint64_t address = 0;
@@ -35,7 +40,8 @@ class FakeMsiVector : public MsiVector {
   bool masked = true;
   int configures = 0;
   std::atomic<int> triggers{0};
-  int direct_fd = -1;  // what eventfd() reports (an irqfd under KVM)
+  int direct_fd = -1;    // what eventfd() reports (an irqfd under KVM)
+  int held_signals = 0;  // kernel signals on direct_fd that a mask held back
 };
 
 class FakeMsiAllocator : public MsiAllocator {

@@ -207,7 +207,7 @@ bool VirtioNet::start_kernel_locked() {
     }
     // The kernel waits on the eventfd the guest's notify write signals (a KVM ioeventfd) and
     // raises the interrupt with the vector's irqfd: neither goes through kiln. Without them
-    // (tests, or a vector not deliverable right now) kiln relays.
+    // (tests, or MSI-X off) kiln relays. A vector the guest masks holds the signals itself.
     kicks[q] =
         q < activation_.notify_eventfds.size() ? activation_.notify_eventfds[q] : kick_[q].get();
     int irqfd = interrupt->queue_irqfd(q);
