@@ -175,9 +175,7 @@ void Image::load(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& 
   chain.push_back(id);
 
   const uint64_t fsize = fd_size(fd_.get());
-  std::vector<uint8_t> first(std::min<uint64_t>(1u << kMaxClusterBits, fsize));
-  pread_zero_fill(fd_.get(), first, 0);
-  header_ = parse_header(first);
+  header_ = parse_header(read_first_cluster(fsize));
   cluster_size_ = 1ull << header_.cluster_bits;
 
   const uint64_t unknown = header_.incompatible_features & ~kIncompatSupported;
@@ -211,6 +209,25 @@ void Image::load(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& 
     sync_file();
   }
   if (!opts.no_backing) open_backing(opts, chain);
+}
+
+// The header and its extensions lie in the first cluster, whose size the header gives. Reading
+// the largest possible cluster (2 MiB) every time cost more than checking a small image, so the
+// common 64 KiB come first and the rest only when the header asks for larger clusters.
+std::vector<uint8_t> Image::read_first_cluster(uint64_t fsize) const {
+  constexpr uint64_t kFirstRead = 64 * 1024;
+  constexpr size_t kClusterBitsOffset = 20;
+  std::vector<uint8_t> first(std::min(kFirstRead, fsize));
+  pread_zero_fill(fd_.get(), first, 0);
+  if (first.size() < kClusterBitsOffset + 4) return first;  // parse_header says what is wrong
+  const uint32_t bits = load_be32(first.data() + kClusterBitsOffset);
+  if (bits < kMinClusterBits || bits > kMaxClusterBits) return first;
+  const uint64_t whole = std::min(uint64_t(1) << bits, fsize);
+  if (whole > first.size()) {
+    first.resize(whole);
+    pread_zero_fill(fd_.get(), first, 0);
+  }
+  return first;
 }
 
 void Image::validate_tables() {

@@ -237,6 +237,7 @@ class Image : public SyncImage {
 
   Image() = default;
   void load(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& chain);
+  std::vector<uint8_t> read_first_cluster(uint64_t fsize) const;
   void validate_tables();
   void open_backing(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& chain);
   void write_header();
