@@ -14,8 +14,10 @@ and prints the medians side by side with their ratio.
 
 The backing file lives in the harness's /tmp (tmpfs: no O_DIRECT there, so both VMMs use the host
 page cache, cache=writeback); --disk-dir puts it elsewhere. kiln's and QEMU's net options are
---kiln-net / --qemu-netdev templates ({tap} and {mac} are filled in), e.g.
---kiln-net 'tap={tap},mac={mac},vhost=on' once kiln has a vhost-net backend.
+--kiln-net / --qemu-netdev templates ({tap} and {mac} are filled in). By default each VMM runs
+as its users get it: kiln with vhost-net where the host has it (its default), QEMU with vhost=off
+(QEMU's). Like with like: --kiln-net 'tap={tap},mac={mac},vhost=off', or --qemu-netdev with
+vhost=on; --kiln-alt-net adds a second kiln configuration to the same rounds.
 
 -v adds, per phase: its wall time, the VMM's CPU time per thread name, the host KVM's exit and
 injection counters (debugfs) and the guest's interrupts per virtio vector; and the features the
@@ -294,6 +296,9 @@ def main():
     parser.add_argument("--iperf-time", type=int, default=10)
     parser.add_argument("--initramfs", help="a fixture initramfs built with --tools 'fio iperf3'")
     parser.add_argument("--kiln-net", default="tap={tap},mac={mac}", help="kiln --net template")
+    parser.add_argument("--kiln-alt-net", help="also boot kiln with this --net template in each "
+                        "round, as column kiln-alt (e.g. 'tap={tap},mac={mac},vhost=on' to weigh "
+                        "vhost-net against kiln's own data path in one run)")
     parser.add_argument("--kiln-disk", default="path={path},cache={cache}", help="kiln --disk template")
     parser.add_argument("--qemu-machine", default="q35")
     parser.add_argument("--qemu-netdev", default="tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off")
@@ -345,6 +350,10 @@ def main():
             "-netdev", args.qemu_netdev.format(**fill), "-device", f"virtio-net-pci,netdev=n0,mac={MAC}"]
     vmms = [(name, argv) for name, argv in (("kiln", kiln), ("qemu", qemu))
             if args.only in (None, name)]
+    if args.kiln_alt_net:
+        alt = list(kiln)
+        alt[alt.index("--net") + 1] = args.kiln_alt_net.format(**fill)
+        vmms.insert(1, ("kiln-alt", alt))
     timeout = 240 + 3 * (args.fio_runtime + 30) + 2 * (args.iperf_time + 30)
     results = {name: [] for name, _ in vmms}
     try:
@@ -364,15 +373,17 @@ def main():
           f"{args.disk_mib} MiB raw file (cache={args.cache}), fio {args.ioengine} "
           f"iodepth={args.iodepth} {args.fio_runtime} s/job, iperf3 {args.iperf_time} s")
     names = [name for name, _ in vmms]
-    print(f"{'':28}" + "".join(f"{n:>10}" for n in names) + ("  kiln/QEMU" if len(names) == 2 else "")
+    with_ratio = "kiln" in names and "qemu" in names
+    print(f"{'':28}" + "".join(f"{n:>10}" for n in names) + ("  kiln/QEMU" if with_ratio else "")
           + ("   min-max per VMM" if args.n > 1 else ""))
     for key, label in ROWS:
         if key not in args.rows:
             continue
         values = [statistics.median(r[key] for r in results[n]) for n in names]
         line = f"{label:28}" + "".join(f"{v:10.2f}" for v in values)
-        if len(values) == 2:
-            line += f"  {values[0] / values[1]:9.2f}" if values[1] else "        nan"
+        if with_ratio:
+            kiln_value, qemu_value = values[names.index("kiln")], values[names.index("qemu")]
+            line += f"  {kiln_value / qemu_value:9.2f}" if qemu_value else "        nan"
         if args.n > 1:  # on a loaded host the spread can exceed the difference between VMMs
             line += "   " + " ".join(f"{min(r[key] for r in results[n]):.1f}-"
                                      f"{max(r[key] for r in results[n]):.1f}" for n in names)

@@ -397,7 +397,8 @@ std::optional<VmConfig> parse_command_line(int argc, char** argv) {
   std::vector<std::string> nets;
   auto* net = app.add_option("--net", nets,
                              "tap=NAME[,mac=52:54:00:xx:xx:xx][,vhost=on|off] (virtio-net; vhost: "
-                             "the data path in the kernel's vhost-net)");
+                             "the data path in the kernel's vhost-net, used by default where "
+                             "/dev/vhost-net opens)");
   auto* rng = app.add_flag("--rng", c.rng, "virtio-rng device");
   auto* con = app.add_option("--console", console,
                              "virtio console (hvc0): pty (bare flag)|stdio|file:PATH|socket:PATH")

@@ -32,7 +32,7 @@ struct DiskConfig {
 };
 
 // Whether virtio-net uses vhost-net when the config does not say.
-inline constexpr bool kNetVhostByDefault = false;
+inline constexpr bool kNetVhostByDefault = true;
 
 struct NetConfig {
   std::string tap;  // host tap interface name

@@ -210,9 +210,10 @@ class Net(unittest.TestCase):
         self.check_tap_networking("off")
 
     def test_guest_reaches_the_host_through_vhost_net(self):
-        self.check_tap_networking("on")
+        # No vhost= at all: kiln's default is vhost-net wherever the host has /dev/vhost-net.
+        self.check_tap_networking("on", net=f"tap={TAP}")
 
-    def check_tap_networking(self, vhost):
+    def check_tap_networking(self, vhost, net=None):
         payload = os.urandom(TRANSFER_MIB << 20)
         to_guest = Server(5001, payload)
         from_guest = Server(5002)
@@ -244,7 +245,7 @@ echo host-said=$(cat /tmp/bye)
         os.environ["KILN_LOG"] = "debug"
         try:
             # iomem=relaxed: the guest's devmem may write the MSI-X table its driver claimed.
-            run = kg.kiln("--net", f"tap={TAP},vhost={vhost}", script=script,
+            run = kg.kiln("--net", net or f"tap={TAP},vhost={vhost}", script=script,
                           cmdline_extra="loglevel=5 iomem=relaxed")
         finally:
             del os.environ["KILN_LOG"]
