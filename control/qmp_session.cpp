@@ -307,7 +307,8 @@ QmpReply QmpSession::handle_text(std::string_view text) {
   json request;
   try {
     request = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
+    // Not only parse_error: a number too large for a double ("1e999999") is out_of_range.
     // nlohmann's what() is "[json.exception.parse_error.101] parse error at ...: <reason>";
     // keep the human part after the bracketed id.
     std::string what = e.what();

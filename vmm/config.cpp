@@ -364,7 +364,7 @@ VmConfig load_config_file(const std::string& path) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for 1e999
     throw ConfigError(fmt::format("config file '{}' is not valid JSON: {}", path, e.what()));
   }
   VmConfig config;

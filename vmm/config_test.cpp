@@ -200,6 +200,7 @@ TEST(ConfigDocument, BadDocumentsAreConfigErrors) {
   };
   EXPECT_THROW(parse({"--config", write("{\"kernel\": ")}), ConfigError);
   EXPECT_THROW(parse({"--config", write("[1,2]")}), ConfigError);
+  EXPECT_THROW(parse({"--config", write("{\"kernel\":\"k\",\"cpus\":1e999}")}), ConfigError);
   EXPECT_THROW(parse({"--config", write("{\"kernel\":\"k\",\"cpu\":2}")}), ConfigError);
   EXPECT_THROW(parse({"--config", write("{\"kernel\":\"k\",\"cpus\":\"two\"}")}), ConfigError);
   EXPECT_THROW(parse({"--config", write("{\"kernel\":\"k\",\"disks\":[{\"path\":1}]}")}),
