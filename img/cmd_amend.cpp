@@ -86,8 +86,7 @@ int cmd_amend(int argc, char** argv) {
         break;
       case 't':
         cache = optarg;
-        if (cache != "none" && cache != "writeback" && cache != "writethrough" &&
-            cache != "directsync" && cache != "unsafe") {
+        if (!valid_cache_mode(cache)) {
           throw UsageError(fmt::format("Invalid cache option: {}", cache));
         }
         break;
@@ -138,6 +137,7 @@ int cmd_amend(int argc, char** argv) {
   block::qcow2::OpenOptions oo;
   oo.read_only = false;
   oo.format = "qcow2";
+  oo.cache = page_cache_mode(cache);
   std::unique_ptr<block::qcow2::Image> img;
   try {
     img = block::qcow2::Image::open(file, oo);

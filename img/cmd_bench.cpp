@@ -112,8 +112,7 @@ BenchOptions parse_args(int argc, char** argv) {
         break;
       case 't':
         o.cache = optarg;
-        if (o.cache != "none" && o.cache != "writeback" && o.cache != "writethrough" &&
-            o.cache != "directsync" && o.cache != "unsafe") {
+        if (!valid_cache_mode(o.cache)) {
           throw UsageError("Invalid cache mode");
         }
         break;
@@ -163,7 +162,8 @@ BenchOptions parse_args(int argc, char** argv) {
 }
 
 std::unique_ptr<block::BlockDevice> open_device(const BenchOptions& o) {
-  const bool direct = o.cache == "none" || o.cache == "directsync";
+  const block::CacheMode cache = page_cache_mode(o.cache);
+  const bool direct = cache == block::CacheMode::kNone;
   if (o.native_aio && !direct) {
     throw UsageError(fmt::format(
         "Could not open '{}': aio=native was specified, but it requires cache.direct=on, which "
@@ -186,7 +186,7 @@ std::unique_ptr<block::BlockDevice> open_device(const BenchOptions& o) {
     if (format == "raw") {
       block::RawOptions ro;
       ro.read_only = !o.write;
-      ro.cache = direct ? block::CacheMode::kNone : block::CacheMode::kWriteback;
+      ro.cache = cache;
       ro.aio = o.aio == "threads" ? block::AioEngine::kThreads : block::AioEngine::kIoUring;
       ro.queue_depth = uint32_t(std::min<uint64_t>(std::max<uint64_t>(o.depth, 1), 4096));
       return block::open_raw(o.file, ro);
@@ -195,7 +195,7 @@ std::unique_ptr<block::BlockDevice> open_device(const BenchOptions& o) {
     block::qcow2::OpenOptions qo;
     qo.read_only = !o.write;
     qo.force_share = o.force_share && !o.write;
-    qo.cache = direct ? block::CacheMode::kNone : block::CacheMode::kWriteback;
+    qo.cache = cache;
     qo.unsafe = o.cache == "unsafe";
     // One worker per request in flight (bounded): each runs one request synchronously.
     qo.workers = unsigned(std::min<uint64_t>(o.depth, 16));

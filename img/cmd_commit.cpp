@@ -49,13 +49,6 @@ bool all_zero(std::span<const uint8_t> b) {
 
 }  // namespace
 
-bool valid_cache_mode(const std::string& mode) {
-  for (const char* m : {"none", "off", "writeback", "unsafe", "directsync", "writethrough"}) {
-    if (mode == m) return true;
-  }
-  return false;
-}
-
 int cmd_commit(int argc, char** argv) {
   std::string fmt, cache = "writeback", base_name;
   bool keep = false, progress = false, quiet = false, have_base = false;
@@ -118,6 +111,7 @@ int cmd_commit(int argc, char** argv) {
   auto rw_opts = read_options(fmt, false);
   rw_opts.read_only = false;
   rw_opts.no_backing = true;
+  rw_opts.cache = page_cache_mode(cache);
   std::unique_ptr<SyncImage> top_rw;
   try {
     top_rw = block::qcow2::open_image(file, rw_opts);
@@ -159,6 +153,7 @@ int cmd_commit(int argc, char** argv) {
   auto base_opts = read_options(base->format(), false);
   base_opts.read_only = false;
   base_opts.no_backing = true;
+  base_opts.cache = page_cache_mode(cache);
   std::unique_ptr<SyncImage> base_rw;
   try {
     base_rw = block::qcow2::open_image(base->path(), base_opts);

@@ -189,20 +189,21 @@ int cmd_compare(int argc, char** argv) {
     progress.end();
     return code;
   };
-  static const char* kCacheModes[] = {"none",   "off",        "writeback",
-                                      "unsafe", "directsync", "writethrough"};
-  if (std::find_if(std::begin(kCacheModes), std::end(kCacheModes),
-                   [&](const char* m) { return cache == m; }) == std::end(kCacheModes)) {
+  if (!valid_cache_mode(cache)) {
     return fail(2, fmt::format("Invalid source cache option: {}", cache));
   }
   std::unique_ptr<SyncImage> img1, img2;
   try {
-    img1 = block::qcow2::open_image(file1, read_options(fmt1, force_share));
+    auto opts1 = read_options(fmt1, force_share);
+    opts1.cache = page_cache_mode(cache);
+    img1 = block::qcow2::open_image(file1, opts1);
   } catch (const std::exception& e) {
     return fail(2, fmt::format("Could not open '{}': {}", file1, e.what()));
   }
   try {
-    img2 = block::qcow2::open_image(file2, read_options(fmt2, force_share));
+    auto opts2 = read_options(fmt2, force_share);
+    opts2.cache = page_cache_mode(cache);
+    img2 = block::qcow2::open_image(file2, opts2);
   } catch (const std::exception& e) {
     return fail(2, fmt::format("Could not open '{}': {}", file2, e.what()));
   }

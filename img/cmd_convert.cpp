@@ -18,6 +18,7 @@
 #include <mutex>
 #include <thread>
 
+#include "base/aligned_buffer.h"
 #include "base/math.h"
 #include "img/common.h"
 
@@ -53,7 +54,8 @@ bool known_zero(SyncImage& src, uint64_t offset, uint64_t length) {
 
 struct Options {
   std::string src_fmt, out_fmt = "raw", options, backing, backing_fmt;
-  std::string cache = "unsafe";  // qemu-img convert's default for the target
+  std::string cache = "unsafe";         // -t: qemu-img convert's default for the target
+  std::string src_cache = "writeback";  // -T
   bool compress = false, progress = false, force_share = false, out_of_order = false;
   bool no_create = false;  // -n: write into an existing target
   int coroutines = 8;      // qemu-img's default number of parallel requests
@@ -71,7 +73,7 @@ struct Run {
 
 struct Chunk {
   uint64_t pos = 0;
-  std::vector<uint8_t> buffer;    // chunk-sized, reused from chunk to chunk
+  AlignedBuffer buffer;           // chunk-sized, reused; aligned for O_DIRECT (-t/-T none)
   std::span<const uint8_t> data;  // the part of buffer read; empty when nothing is to write
   std::vector<Run> runs;
 };
@@ -196,8 +198,8 @@ void prepare_chunk(Chunk& c, SyncImage& src, const Target& dst, uint64_t index, 
   }
   // Buffers are reused, not allocated per chunk: fresh memory costs a page fault per 4 KiB,
   // more than the copy out of the page cache.
-  c.buffer.resize(chunk_size);
-  const auto data = std::span(c.buffer).first(n);
+  if (c.buffer.size() != chunk_size) c.buffer = AlignedBuffer(chunk_size, kDirectIoAlignment);
+  const auto data = c.buffer.span().first(n);
   if (src_zero) {
     std::fill(data.begin(), data.end(), 0);
   } else {
@@ -313,7 +315,7 @@ class Pipeline {
   bool stop_ = false;
   std::exception_ptr failure_;
   std::map<uint64_t, Chunk> ready_;
-  std::vector<std::vector<uint8_t>> spare_;  // buffers of chunks already written
+  std::vector<AlignedBuffer> spare_;  // buffers of chunks already written
   std::vector<std::thread> readers_;
 };
 
@@ -395,10 +397,15 @@ Options parse_args(int argc, char** argv) {
         o.sparse_size = parse_sparse_size(optarg);
         break;
       case 'T':
-        break;  // source cache mode: reads always go through the page cache here
+        o.src_cache = optarg;
+        break;
       default:
         throw UsageError("Invalid option or missing argument for convert");
     }
+  }
+  if (!valid_cache_mode(o.cache)) throw UsageError("Invalid cache option: " + o.cache);
+  if (!valid_cache_mode(o.src_cache)) {
+    throw UsageError("Invalid source cache option: " + o.src_cache);
   }
   if (argc - optind != 2) throw UsageError("Expecting a source and a target file name");
   return o;
@@ -421,6 +428,7 @@ void open_qcow2_target(Target& dst, const Options& o, const std::string& path, u
   oo.read_only = false;
   oo.format = "qcow2";
   oo.unsafe = !dst.sync;
+  oo.cache = page_cache_mode(o.cache);
   try {
     dst.qcow2 = Image::open(path, oo);
   } catch (const std::exception& e) {
@@ -442,9 +450,10 @@ void open_existing_target(Target& dst, const Options& o, const std::string& path
       oo.read_only = false;
       oo.format = "qcow2";
       oo.unsafe = !dst.sync;
+      oo.cache = page_cache_mode(o.cache);
       dst.qcow2 = Image::open(path, oo);
     } else {
-      dst.raw = RawImage::open(path, false, false);
+      dst.raw = RawImage::open(path, false, false, page_cache_mode(o.cache));
     }
   } catch (const std::exception& e) {
     throw UsageError(fmt::format("Could not open '{}': {}", path, e.what()));
@@ -472,7 +481,9 @@ int cmd_convert(int argc, char** argv) {
   }
   if (o.compress && o.out_fmt != "qcow2")
     throw UsageError("Compression not supported for this file format");
-  auto src = block::qcow2::open_image(src_path, read_options(o.src_fmt, o.force_share));
+  auto src_options = read_options(o.src_fmt, o.force_share);
+  src_options.cache = page_cache_mode(o.src_cache);
+  auto src = block::qcow2::open_image(src_path, src_options);
   const uint64_t size = src->size();
 
   Target dst;
@@ -486,7 +497,7 @@ int cmd_convert(int argc, char** argv) {
     const auto opts = parse_options(o.options);
     if (!opts.empty()) throw UsageError(fmt::format("Invalid parameter '{}'", opts.begin()->first));
     RawImage::create(dst_path, size);
-    dst.raw = RawImage::open(dst_path, false, false);
+    dst.raw = RawImage::open(dst_path, false, false, page_cache_mode(o.cache));
   } else {
     throw UsageError(fmt::format("Unknown file format '{}'", o.out_fmt));
   }

@@ -16,8 +16,6 @@ using block::qcow2::ExtentKind;
 using block::qcow2::Image;
 using block::qcow2::SyncImage;
 
-bool valid_cache_mode(const std::string& mode);
-
 int cmd_rebase(int argc, char** argv) {
   std::string fmt, backing_fmt, backing, cache = "writeback", src_cache = "writeback";
   bool unsafe = false, progress = false, quiet = false, force_share = false, have_b = false;
@@ -88,6 +86,7 @@ int cmd_rebase(int argc, char** argv) {
   auto opts = read_options(fmt, false);
   opts.read_only = false;
   opts.no_backing = unsafe;
+  opts.cache = page_cache_mode(cache);  // the old backing chain opens with the image's mode
   std::unique_ptr<SyncImage> img;
   try {
     img = block::qcow2::open_image(file, opts);
@@ -114,7 +113,9 @@ int cmd_rebase(int argc, char** argv) {
       const auto dir = std::filesystem::path(file).parent_path();
       if (bpath[0] != '/' && !dir.empty()) bpath = (dir / bpath).string();
       try {
-        new_backing = block::qcow2::open_image(bpath, read_options(backing_fmt, force_share));
+        auto backing_opts = read_options(backing_fmt, force_share);
+        backing_opts.cache = page_cache_mode(src_cache);
+        new_backing = block::qcow2::open_image(bpath, backing_opts);
       } catch (const std::exception& e) {
         throw UsageError(
             fmt::format("Could not open new backing file '{}': {}", backing, e.what()));

@@ -60,6 +60,12 @@ uint64_t image_length(block::qcow2::SyncImage& img);
 
 block::qcow2::OpenOptions read_options(const std::string& fmt, bool force_share);
 
+// qemu-img's cache modes for -t and -T: none (alias off), writeback, writethrough, directsync,
+// unsafe.
+bool valid_cache_mode(const std::string& mode);
+// none/off and directsync bypass the host page cache (O_DIRECT); the others go through it.
+block::CacheMode page_cache_mode(const std::string& mode);
+
 int cmd_create(int argc, char** argv);
 int cmd_info(int argc, char** argv);
 int cmd_check(int argc, char** argv);

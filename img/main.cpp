@@ -61,6 +61,18 @@ block::qcow2::OpenOptions read_options(const std::string& fmt, bool force_share)
   return o;
 }
 
+bool valid_cache_mode(const std::string& mode) {
+  for (const char* m : {"none", "off", "writeback", "unsafe", "directsync", "writethrough"}) {
+    if (mode == m) return true;
+  }
+  return false;
+}
+
+block::CacheMode page_cache_mode(const std::string& mode) {
+  const bool direct = mode == "none" || mode == "off" || mode == "directsync";
+  return direct ? block::CacheMode::kNone : block::CacheMode::kWriteback;
+}
+
 void print_usage() {
   std::puts(
       "kiln-img: image tool compatible with qemu-img\n"

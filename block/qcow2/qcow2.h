@@ -109,7 +109,8 @@ class SyncImage {
 // A raw file opened synchronously (used for raw backing files and as a kiln-img endpoint).
 class RawImage : public SyncImage {
  public:
-  static std::unique_ptr<RawImage> open(const std::string& path, bool read_only, bool force_share);
+  static std::unique_ptr<RawImage> open(const std::string& path, bool read_only, bool force_share,
+                                        CacheMode cache = CacheMode::kWriteback);
   static void create(const std::string& path, uint64_t size,
                      DataPreallocation prealloc = DataPreallocation::kNone);
   std::string format() const override { return "raw"; }

@@ -17,6 +17,7 @@
 #include <system_error>
 #include <vector>
 
+#include "base/aligned_buffer.h"
 #include "base/unique_fd.h"
 #include "block/raw/io_engine.h"
 #include "block/raw/range_serializer.h"
@@ -42,26 +43,6 @@ uint64_t align_down(uint64_t value, uint64_t alignment) { return value / alignme
 uint64_t align_up(uint64_t value, uint64_t alignment) {
   return align_down(value + alignment - 1, alignment);
 }
-
-// A heap buffer aligned for O_DIRECT.
-class AlignedBuffer {
- public:
-  AlignedBuffer(size_t size, size_t alignment) {
-    void* memory = nullptr;
-    if (posix_memalign(&memory, std::max<size_t>(alignment, alignof(std::max_align_t)),
-                       std::max<size_t>(size, 1)) == 0) {
-      data_ = static_cast<unsigned char*>(memory);
-    }
-  }
-  ~AlignedBuffer() { std::free(data_); }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-
-  unsigned char* data() const { return data_; }
-
- private:
-  unsigned char* data_ = nullptr;
-};
 
 uint64_t total_length(std::span<const iovec> iov) {
   uint64_t total = 0;
@@ -251,7 +232,7 @@ class RawDevice final : public RawBlockDevice {
   void bounce_read(uint64_t offset, uint64_t length, std::vector<iovec> iov, Completion done) {
     const uint64_t begin = align_down(offset, geometry_.alignment);
     const uint64_t end = align_up(offset + length, geometry_.alignment);
-    auto buffer = std::make_shared<AlignedBuffer>(end - begin, geometry_.alignment);
+    auto buffer = std::make_shared<AlignedBuffer>(end - begin, geometry_.alignment, std::nothrow);
     if (buffer->data() == nullptr) return post(-ENOMEM, std::move(done));
     std::vector<iovec> span{{buffer->data(), end - begin}};
     engine_->submit(IoOp::read(
@@ -269,7 +250,7 @@ class RawDevice final : public RawBlockDevice {
     const uint64_t alignment = geometry_.alignment;
     const uint64_t begin = align_down(offset, alignment);
     const uint64_t end = align_up(offset + length, alignment);
-    auto buffer = std::make_shared<AlignedBuffer>(end - begin, alignment);
+    auto buffer = std::make_shared<AlignedBuffer>(end - begin, alignment, std::nothrow);
     if (buffer->data() == nullptr) return post(-ENOMEM, std::move(done));
 
     std::vector<uint64_t> partial_blocks;

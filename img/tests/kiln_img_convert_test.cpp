@@ -98,6 +98,25 @@ TEST_F(ConvertTest, BackingFileErrorsMatchQemu) {
   expect_same_error("convert -B src.raw -F raw -O raw src.raw t.raw");
 }
 
+// -t/-T none, off and directsync open target and source with O_DIRECT (the qcow2 unit tests check
+// the flag); the files must come out byte for byte as through the page cache.
+TEST_F(ConvertTest, CacheNoneWritesWhatThePageCacheWrites) {
+  sh("qemu-img convert -O qcow2 -o cluster_size=512 src.raw small.qcow2");
+  for (const char* args : {"-O raw src.raw", "-O qcow2 src.raw", "-O qcow2 -c src.raw",
+                           "-O qcow2 -o cluster_size=512 src.raw", "-O raw small.qcow2",
+                           "-W -m 4 -O raw small.qcow2", "-O qcow2 -c small.qcow2"}) {
+    SCOPED_TRACE(args);
+    for (const char* modes : {"-t none -T none", "-t directsync -T off"}) {
+      ASSERT_EQ(kiln(fmt::format("convert {} {} direct.img", modes, args)).status, 0) << modes;
+      ASSERT_EQ(kiln(fmt::format("convert {} buffered.img", args)).status, 0);
+      sh("cmp direct.img buffered.img");
+      expect_same_content("src.raw", "direct.img");
+    }
+  }
+  expect_same_error("convert -t bogus src.raw t.raw");
+  expect_same_error("convert -T writeahead src.raw t.raw");
+}
+
 TEST_F(ConvertTest, ParallelReadOfChainWithCompressedClusters) {
   sh("qemu-img convert -c -O qcow2 -o cluster_size=4k src.raw comp.qcow2");
   sh("qemu-img create -q -f qcow2 -b comp.qcow2 -F qcow2 top.qcow2");
