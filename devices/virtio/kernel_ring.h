@@ -3,12 +3,18 @@
 // (virtio-vsock, virtio-net with vhost=on); the VMM turns it into vhost ioctls.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <optional>
 #include <string>
+#include <vector>
 
+#include "base/event_loop.h"
+#include "base/unique_fd.h"
 #include "devices/virtio/queue.h"
+#include "devices/virtio/virtio_device.h"
 #include "memory/guest_memory.h"
 
 namespace kiln::devices::virtio {
@@ -64,5 +70,43 @@ inline std::optional<std::string> take_back_kernel_ring(Queue& queue, uint16_t n
   }
   return std::nullopt;
 }
+
+// The notification plumbing of the rings a kernel back-end runs, queues 0 .. rings-1. Per ring
+// the back-end waits on the transport's notify eventfd (a KVM ioeventfd in kiln, so a guest kick
+// never wakes kiln) and signals the queue's MSI-X irqfd (so the interrupt never passes through
+// kiln either; a masked vector holds it back itself). Where either is missing (tests, MSI-X
+// off) our own eventfds stand in: kicks are relayed from process_queue, calls from the loop.
+class KernelRingEvents {
+ public:
+  KernelRingEvents(EventLoop& loop, size_t rings, const char* device);
+  ~KernelRingEvents();
+  KernelRingEvents(const KernelRingEvents&) = delete;
+  KernelRingEvents& operator=(const KernelRingEvents&) = delete;
+
+  // Chooses each ring's eventfds for `activation` and starts relaying the calls that need it;
+  // `on_relayed_call(queue)` runs on the loop thread before each relayed interrupt.
+  void connect(const VirtioActivation& activation,
+               std::function<void(uint16_t)> on_relayed_call = {});
+  // Stops relaying. A call the back-end raised just before goes to `deliver_to` (null when the
+  // transport is going away). Call after the back-end stopped; the relay takes no device lock.
+  void disconnect(VirtioInterrupt* deliver_to);
+
+  int kick_fd(uint16_t ring) const { return kicks_[ring].load(); }
+  int call_fd(uint16_t ring) const { return calls_[ring]; }
+  bool direct_kick(uint16_t ring) const { return kick_fd(ring) != own_kicks_[ring].get(); }
+  bool direct_call(uint16_t ring) const { return call_fd(ring) != own_calls_[ring].get(); }
+  // One kick per ring: buffers the driver made available before the back-end ran.
+  void kick_all() const;
+  // Relays a driver notification that reached the device's process_queue. Lock-free; a kick
+  // while the back-end is stopped stays in the eventfd.
+  void relay_kick(uint16_t ring) const;
+
+ private:
+  EventLoop& loop_;
+  std::vector<UniqueFd> own_kicks_, own_calls_;
+  std::vector<std::atomic<int>> kicks_;  // read by relay_kick without the device's lock
+  std::vector<int> calls_;
+  std::vector<bool> relaying_;  // the loop watches own_calls_[ring]
+};
 
 }  // namespace kiln::devices::virtio

@@ -48,17 +48,6 @@ bool acked(const VirtioActivation& activation, uint64_t feature) {
   return activation.acked_features & feature;
 }
 
-UniqueFd make_eventfd() {
-  UniqueFd fd(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!fd) throw std::system_error(errno, std::generic_category(), "eventfd for virtio-net");
-  return fd;
-}
-
-void signal_eventfd(int fd) {
-  uint64_t one = 1;
-  [[maybe_unused]] ssize_t n = ::write(fd, &one, sizeof(one));
-}
-
 }  // namespace
 
 MacAddress default_mac(const std::string& tap) {
@@ -99,10 +88,7 @@ VirtioNet::VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac,
   kernel_features_ = kernel_->features();
   if (!(kernel_features_ & kFeatureVersion1))
     throw std::invalid_argument("virtio-net: the kernel data path cannot do VIRTIO_F_VERSION_1");
-  for (int i = 0; i < 2; ++i) {
-    kick_[i] = make_eventfd();
-    call_[i] = make_eventfd();
-  }
+  events_ = std::make_unique<KernelRingEvents>(loop_, 2, "virtio-net");
 }
 
 VirtioNet::~VirtioNet() {
@@ -197,42 +183,25 @@ bool VirtioNet::start_kernel_locked() {
   start.features = activation_.acked_features & kernel_features_;
   start.memory = &memory;
   start.tap_fd = backend_->fd();
-  VirtioInterrupt* interrupt = activation_.interrupt;
-  int kicks[2], calls[2];
   for (uint16_t q : {kNetReceiveQueue, kNetTransmitQueue}) {
-    const Queue& queue = activation_.queues[q];
-    if (!queue.ready()) {
+    if (!activation_.queues[q].ready()) {
       log_.warn("virtio-net: the driver did not enable the receive and transmit queues");
       return false;
     }
-    // The kernel waits on the eventfd the guest's notify write signals (a KVM ioeventfd) and
-    // raises the interrupt with the vector's irqfd: neither goes through kiln. Without them
-    // (tests, or MSI-X off) kiln relays. A vector the guest masks holds the signals itself.
-    kicks[q] =
-        q < activation_.notify_eventfds.size() ? activation_.notify_eventfds[q] : kick_[q].get();
-    int irqfd = interrupt->queue_irqfd(q);
-    calls[q] = irqfd >= 0 ? irqfd : call_[q].get();
-    auto ring = describe_kernel_ring(queue, q, memory, kicks[q], calls[q]);
-    if (!ring) return false;
-    start.rings.push_back(*ring);
   }
-  // The kernel's "call" on a relayed ring means used buffers: raise the queue's interrupt. The
-  // callbacks take no device lock, so stop_kernel_locked() may remove them while holding it.
+  events_->connect(activation_, [this](uint16_t q) {
+    (q == kNetReceiveQueue ? metrics_.rx_interrupts : metrics_.tx_interrupts)++;
+  });
   for (uint16_t q : {kNetReceiveQueue, kNetTransmitQueue}) {
-    kick_target_[q] = kicks[q];
-    if (kicks[q] != kick_[q].get()) metrics_.kernel_direct_kicks++;
-    if (calls[q] != call_[q].get()) {
-      metrics_.kernel_direct_calls++;
-      continue;
+    auto ring = describe_kernel_ring(activation_.queues[q], q, memory, events_->kick_fd(q),
+                                     events_->call_fd(q));
+    if (!ring) {
+      events_->disconnect(nullptr);
+      return false;
     }
-    relaying_call_[q] = true;
-    int fd = call_[q].get();
-    loop_.add(fd, [this, fd, q, interrupt](uint32_t) {
-      uint64_t count;
-      if (::read(fd, &count, sizeof(count)) != sizeof(count)) return;
-      (q == kNetReceiveQueue ? metrics_.rx_interrupts : metrics_.tx_interrupts)++;
-      interrupt->signal_queue(q);
-    });
+    start.rings.push_back(*ring);
+    if (events_->direct_kick(q)) metrics_.kernel_direct_kicks++;
+    if (events_->direct_call(q)) metrics_.kernel_direct_calls++;
   }
   kernel_running_ = true;
   try {
@@ -243,8 +212,7 @@ bool VirtioNet::start_kernel_locked() {
     return false;
   }
   metrics_.kernel_starts++;
-  // Buffers the driver made available before the kernel ran are seen on this first kick.
-  for (int fd : kicks) signal_eventfd(fd);
+  events_->kick_all();
   return true;
 }
 
@@ -258,14 +226,7 @@ void VirtioNet::stop_kernel_locked() {
     log_.warn(std::string("virtio-net: stopping the kernel data path: ") + e.what());
   }
   // Interrupts the kernel raised just before it stopped are delivered, not lost.
-  for (uint16_t q : {kNetReceiveQueue, kNetTransmitQueue}) {
-    if (!relaying_call_[q]) continue;
-    relaying_call_[q] = false;
-    loop_.remove(call_[q].get());
-    uint64_t count;
-    if (::read(call_[q].get(), &count, sizeof(count)) == sizeof(count) && activation_.interrupt)
-      activation_.interrupt->signal_queue(q);
-  }
+  events_->disconnect(activation_.interrupt);
   // The queues learn where the kernel got to: the avail index from the kernel, the used index
   // from the ring it wrote.
   const memory::GuestMemory* memory = activation_.memory;
@@ -312,8 +273,7 @@ void VirtioNet::process_queue(uint16_t queue) {
     // holding it. A kick while the kernel is stopped is kept by the eventfd.
     if (queue > kNetTransmitQueue) return;
     (queue == kNetReceiveQueue ? metrics_.rx_kicks : metrics_.tx_kicks)++;
-    int fd = kick_target_[queue].load();
-    signal_eventfd(fd >= 0 ? fd : kick_[queue].get());
+    events_->relay_kick(queue);
     return;
   }
   std::lock_guard lock(mutex_);

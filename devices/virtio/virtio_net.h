@@ -147,10 +147,7 @@ class VirtioNet : public VirtioDevice {
   std::atomic<uint32_t> offloads_{0};
   std::unique_ptr<NetKernelDatapath> kernel_;
   uint64_t kernel_features_ = 0;
-  UniqueFd kick_[2];  // device -> kernel data path, per ring, when the transport has no eventfd
-  UniqueFd call_[2];  // kernel data path -> device, when the vector has no irqfd
-  std::atomic<int> kick_target_[2] = {-1, -1};  // what the kernel waits on
-  bool relaying_call_[2] = {false, false};      // the loop watches call_[q]
+  std::unique_ptr<KernelRingEvents> events_;  // with kernel_: the rings' eventfds
   bool kernel_running_ = false;
   bool paused_ = false;
   bool merge_ = false;  // VIRTIO_NET_F_MRG_RXBUF negotiated (userspace data path)

@@ -1,38 +1,24 @@
 #include "devices/virtio/virtio_vsock.h"
 
-#include <sys/eventfd.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <system_error>
+#include <spdlog/spdlog.h>
 
 namespace kiln::devices::virtio {
-namespace {
-
-UniqueFd make_eventfd() {
-  UniqueFd fd(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!fd) throw std::system_error(errno, std::generic_category(), "eventfd for virtio-vsock");
-  return fd;
-}
-
-void signal_eventfd(int fd) {
-  uint64_t one = 1;
-  [[maybe_unused]] ssize_t n = ::write(fd, &one, sizeof(one));
-}
-
-}  // namespace
 
 VirtioVsock::VirtioVsock(uint64_t guest_cid, std::unique_ptr<VsockBackend> backend, EventLoop& loop)
-    : guest_cid_(guest_cid), backend_(std::move(backend)), loop_(loop) {
-  for (int i = 0; i < 2; ++i) {
-    kick_[i] = make_eventfd();
-    call_[i] = make_eventfd();
-  }
-}
+    : guest_cid_(guest_cid), backend_(std::move(backend)), events_(loop, 2, "virtio-vsock") {}
 
 VirtioVsock::~VirtioVsock() {
-  std::lock_guard lock(mutex_);
-  stop_locked();
+  {
+    std::lock_guard lock(mutex_);
+    activation_.interrupt = nullptr;  // the transport may be half gone: no interrupts
+    stop_locked();
+  }
+  const VsockMetrics& m = metrics_;
+  spdlog::debug(
+      "virtio-vsock cid {}: {} back-end starts ({} rings with direct kicks, {} with direct "
+      "interrupts), {} relayed kicks, {} relayed interrupts",
+      guest_cid_, m.starts.load(), m.direct_kicks.load(), m.direct_calls.load(), m.kicks.load(),
+      m.calls.load());
 }
 
 uint64_t VirtioVsock::device_features() const {
@@ -55,7 +41,6 @@ bool VirtioVsock::activate(const VirtioActivation& activation) {
     }
   }
   activation_ = activation;
-  relay_calls_locked();
   if (!start_backend_locked()) {
     stop_locked();
     return false;
@@ -64,43 +49,35 @@ bool VirtioVsock::activate(const VirtioActivation& activation) {
   return true;
 }
 
-// The back-end's "call" means used buffers: raise the queue's interrupt. No device lock in the
-// callback: reset() removes these watches while holding it.
-void VirtioVsock::relay_calls_locked() {
-  VirtioInterrupt* interrupt = activation_.interrupt;
-  for (uint16_t q : {kVsockRxQueue, kVsockTxQueue}) {
-    int fd = call_[q].get();
-    loop_.add(fd, [this, fd, q, interrupt](uint32_t) {
-      uint64_t count;
-      if (::read(fd, &count, sizeof(count)) != sizeof(count)) return;
-      metrics_.calls++;
-      interrupt->signal_queue(q);
-    });
-  }
-  watching_ = true;
-}
-
 // Hands rx and tx, from where the queues stand, to the back-end.
 bool VirtioVsock::start_backend_locked() {
   const memory::GuestMemory& memory = *activation_.memory;
   VsockStart start;
   start.features = activation_.acked_features;
   start.memory = &memory;
+  // As virtio-net's kernel data path: kicks and interrupts go between KVM and vhost-vsock
+  // directly where they can (KernelRingEvents), relayed by kiln only where they cannot.
+  events_.connect(activation_, [this](uint16_t) { metrics_.calls++; });
   for (uint16_t q : {kVsockRxQueue, kVsockTxQueue}) {
-    auto ring =
-        describe_kernel_ring(activation_.queues[q], q, memory, kick_[q].get(), call_[q].get());
-    if (!ring) return false;
+    auto ring = describe_kernel_ring(activation_.queues[q], q, memory, events_.kick_fd(q),
+                                     events_.call_fd(q));
+    if (!ring) {
+      events_.disconnect(nullptr);
+      return false;
+    }
     start.rings.push_back(*ring);
+    if (events_.direct_kick(q)) metrics_.direct_kicks++;
+    if (events_.direct_call(q)) metrics_.direct_calls++;
   }
   try {
     backend_->start(start);
   } catch (const std::exception& e) {
     log_.warn(std::string("virtio-vsock: cannot start the back-end: ") + e.what());
+    events_.disconnect(nullptr);
     return false;
   }
   metrics_.starts++;
-  // Buffers the driver made available before the back-end ran are seen on this first kick.
-  for (auto& kick : kick_) signal_eventfd(kick.get());
+  events_.kick_all();  // buffers the driver made available before the back-end ran
   return true;
 }
 
@@ -114,6 +91,7 @@ void VirtioVsock::pause() {
   } catch (const std::exception& e) {
     log_.warn(std::string("virtio-vsock: stopping the back-end: ") + e.what());
   }
+  events_.disconnect(activation_.interrupt);
   for (size_t i = 0; i < next_avail.size() && i < 2; ++i) {
     if (auto error =
             take_back_kernel_ring(activation_.queues[i], next_avail[i], *activation_.memory)) {
@@ -132,8 +110,10 @@ void VirtioVsock::resume() {
 
 void VirtioVsock::process_queue(uint16_t queue) {
   if (queue == kVsockRxQueue || queue == kVsockTxQueue) {
+    // Only without a transport eventfd (see handles_notifications). No lock: pause() and
+    // reset() wait for the loop while holding it.
     metrics_.kicks++;
-    signal_eventfd(kick_[queue].get());
+    events_.relay_kick(queue);
     return;
   }
   std::lock_guard lock(mutex_);
@@ -170,10 +150,7 @@ void VirtioVsock::stop_locked() {
     } catch (const std::exception& e) {
       log_.warn(std::string("virtio-vsock: stopping the back-end: ") + e.what());
     }
-  }
-  if (watching_) {
-    for (auto& call : call_) loop_.remove(call.get());
-    watching_ = false;
+    events_.disconnect(activation_.interrupt);
   }
   active_ = false;
   paused_ = false;

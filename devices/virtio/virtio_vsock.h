@@ -1,8 +1,9 @@
 // virtio-vsock (virtio 1.2 section 5.10) whose rx and tx queues a host-kernel back-end processes
 // (vhost-vsock, behind VsockBackend): the device model does the virtio side (features, the
-// guest_cid config field, activation and reset) and hands the rings over; notifications are
-// relayed through eventfds on the event loop. The event queue stays in userspace: its buffers
-// are kept for transport events (none are sent while the VM runs on one host).
+// guest_cid config field, activation and reset) and hands the rings over. Kicks and interrupts
+// pass between KVM and the back-end without kiln (KernelRingEvents). The event queue stays in
+// userspace: its buffers are kept for transport events (none are sent while the VM runs on one
+// host).
 #pragma once
 
 #include <atomic>
@@ -46,14 +47,16 @@ class VsockBackend {
 };
 
 struct VsockMetrics {
-  std::atomic<uint64_t> kicks{0};
-  std::atomic<uint64_t> calls{0};
+  std::atomic<uint64_t> kicks{0};  // relayed by kiln (rings without a transport eventfd)
+  std::atomic<uint64_t> calls{0};  // relayed by kiln (vectors without an irqfd)
   std::atomic<uint64_t> starts{0};
+  std::atomic<uint64_t> direct_kicks{0};  // rings started on the transport's notify eventfd
+  std::atomic<uint64_t> direct_calls{0};  // rings started on the vector's irqfd
 };
 
 class VirtioVsock : public VirtioDevice {
  public:
-  // `loop` relays the back-end's interrupts; it must outlive the device.
+  // `loop` relays what cannot go directly; it must outlive the device.
   VirtioVsock(uint64_t guest_cid, std::unique_ptr<VsockBackend> backend, EventLoop& loop);
   ~VirtioVsock() override;
 
@@ -66,6 +69,7 @@ class VirtioVsock : public VirtioDevice {
 
   bool activate(const VirtioActivation& activation) override;
   void process_queue(uint16_t queue) override;
+  bool handles_notifications(uint16_t queue) const override { return queue <= kVsockTxQueue; }
   void reset() override;
 
   uint64_t guest_cid() const { return guest_cid_; }
@@ -81,19 +85,15 @@ class VirtioVsock : public VirtioDevice {
 
  private:
   bool start_backend_locked();
-  void relay_calls_locked();
   void stop_locked();
   void take_event_buffers_locked();
 
   const uint64_t guest_cid_;
   std::unique_ptr<VsockBackend> backend_;
-  EventLoop& loop_;
-  UniqueFd kick_[2];
-  UniqueFd call_[2];
+  KernelRingEvents events_;
   mutable std::mutex mutex_;
   bool active_ = false;
   bool paused_ = false;
-  bool watching_ = false;
   VirtioActivation activation_;
   std::vector<uint16_t> event_heads_;
   VsockMetrics metrics_;
