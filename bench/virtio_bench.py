@@ -13,7 +13,8 @@ and prints the medians side by side with their ratio.
 --rows picks the rows to run (e.g. --rows net for the two iperf3 ones: a few minutes with -n 2).
 
 The backing file lives in the harness's /tmp (tmpfs: no O_DIRECT there, so both VMMs use the host
-page cache, cache=writeback); --disk-dir puts it elsewhere. kiln's and QEMU's net options are
+page cache, cache=writeback); --disk-dir puts it elsewhere, and --disk-format qcow2 makes it a qcow2
+image (preallocation=falloc) that both VMMs open as qcow2. kiln's and QEMU's net options are
 --kiln-net / --qemu-netdev templates ({tap} and {mac} are filled in). By default each VMM runs
 as its users get it: kiln with vhost-net where the host has it (its default), QEMU with vhost=off
 (QEMU's). Like with like: --kiln-net 'tap={tap},mac={mac},vhost=off', or --qemu-netdev with
@@ -267,7 +268,12 @@ def ensure_initramfs(args, work):
 
 
 def make_disk(args, work):
-    path = os.path.join(args.disk_dir or work, "disk.raw")
+    path = os.path.join(args.disk_dir or work, f"disk.{args.disk_format}")
+    if args.disk_format == "qcow2":
+        # Clusters allocated up front (as the raw file's blocks below), in QEMU's layout.
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=falloc",
+                        path, f"{args.disk_mib}M"], check=True)
+        return path
     with open(path, "wb") as f:
         f.truncate(args.disk_mib << 20)
     # Allocated up front so that reads hit real pages (a hole reads as zeroes, for free).
@@ -289,6 +295,8 @@ def main():
     parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--disk-mib", type=int, default=256)
     parser.add_argument("--disk-dir", help="where the backing file goes (default: a tmpfs dir)")
+    parser.add_argument("--disk-format", choices=("raw", "qcow2"), default="raw",
+                        help="the backing file's format (qcow2: preallocation=falloc)")
     parser.add_argument("--cache", default="writeback", help="kiln's and QEMU's cache mode")
     parser.add_argument("--ioengine", default="libaio")
     parser.add_argument("--iodepth", type=int, default=32)
@@ -299,11 +307,12 @@ def main():
     parser.add_argument("--kiln-alt-net", help="also boot kiln with this --net template in each "
                         "round, as column kiln-alt (e.g. 'tap={tap},mac={mac},vhost=on' to weigh "
                         "vhost-net against kiln's own data path in one run)")
-    parser.add_argument("--kiln-disk", default="path={path},cache={cache}", help="kiln --disk template")
+    parser.add_argument("--kiln-disk", default="path={path},format={format},cache={cache}",
+                        help="kiln --disk template")
     parser.add_argument("--qemu-machine", default="q35")
     parser.add_argument("--qemu-netdev", default="tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off")
     parser.add_argument("--qemu-drive",
-                        default="file={path},if=none,id=d0,format=raw,cache={cache},aio=threads")
+                        default="file={path},if=none,id=d0,format={format},cache={cache},aio=threads")
     parser.add_argument("--only", choices=("kiln", "qemu"), help="run one VMM only")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="per-phase costs (VMM and thread CPU, KVM exits, guest interrupts)")
@@ -338,7 +347,7 @@ def main():
     kernel = kg.guest_kernel()
     cmdline = kg.script_cmdline(guest_script(args), "loglevel=3")
     memory = f"{args.memory}M" if args.memory.isdigit() else args.memory
-    fill = {"tap": TAP, "mac": MAC, "path": disk, "cache": args.cache}
+    fill = {"tap": TAP, "mac": MAC, "path": disk, "cache": args.cache, "format": args.disk_format}
     kiln = [kg.KILN, "--kernel", kernel, "--initramfs", initramfs, "--memory", memory,
             "--cpus", str(args.cpus), "--serial", "stdio", "--cmdline", cmdline,
             "--disk", args.kiln_disk.format(**fill), "--net", args.kiln_net.format(**fill)]
@@ -370,7 +379,7 @@ def main():
         os.unlink(disk)
 
     print(f"\nmedians of {args.n} boot(s) per VMM; {args.cpus} vCPU, {memory} RAM, "
-          f"{args.disk_mib} MiB raw file (cache={args.cache}), fio {args.ioengine} "
+          f"{args.disk_mib} MiB {args.disk_format} file (cache={args.cache}), fio {args.ioengine} "
           f"iodepth={args.iodepth} {args.fio_runtime} s/job, iperf3 {args.iperf_time} s")
     names = [name for name, _ in vmms]
     with_ratio = "kiln" in names and "qemu" in names
