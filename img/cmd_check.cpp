@@ -62,7 +62,7 @@ void print_json(const CheckResult& r, const std::string& file) {
 }  // namespace
 
 int cmd_check(int argc, char** argv) {
-  std::string fmt, output = "human";
+  std::string fmt, output = "human", cache = "writeback";
   bool force_share = false, quiet = false;
   RepairMode mode = RepairMode::kNone;
   optind = 1;
@@ -71,7 +71,7 @@ int cmd_check(int argc, char** argv) {
                                  {"force-share", no_argument, nullptr, 'U'},
                                  {"help", no_argument, nullptr, 'h'},
                                  {nullptr, 0, nullptr, 0}};
-  for (int c; (c = getopt_long(argc, argv, ":f:hr:qU", kLong, nullptr)) != -1;) {
+  for (int c; (c = getopt_long(argc, argv, ":f:hr:qT:U", kLong, nullptr)) != -1;) {
     switch (c) {
       case 'f':
         fmt = optarg;
@@ -91,6 +91,9 @@ int cmd_check(int argc, char** argv) {
       case 'q':
         quiet = true;
         break;
+      case 'T':
+        cache = optarg;
+        break;
       case 'U':
         force_share = true;
         break;
@@ -102,6 +105,7 @@ int cmd_check(int argc, char** argv) {
     throw UsageError("--output must be used with human or json as argument.");
   }
   if (optind != argc - 1) throw UsageError("Expecting one image file name");
+  if (!valid_cache_mode(cache)) throw UsageError("Invalid source cache option: " + cache);
   if (mode != RepairMode::kNone && force_share) {
     throw UsageError("--force-share/-U is not supported with -r");
   }
@@ -113,6 +117,7 @@ int cmd_check(int argc, char** argv) {
   }
   auto opts = read_options(fmt, force_share);
   opts.read_only = mode == RepairMode::kNone;
+  opts.cache = page_cache_mode(cache);
   auto img = block::qcow2::Image::open(file, opts);
   CheckResult r = img->check(mode);
   for (const auto& m : r.messages) fmt::print(stderr, "{}\n", m);

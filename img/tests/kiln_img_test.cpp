@@ -163,6 +163,13 @@ TEST_F(KilnImgTest, CheckExitCodesAndRepairMatchQemu) {
     EXPECT_EQ(json::parse(kiln.out), json::parse(qemu.out));
     auto [kh, qh] = both("check t.qcow2");
     EXPECT_EQ(kh.out, qh.out);
+    // -T none: read through O_DIRECT, same report; a bad mode fails as in qemu-img.
+    auto [kn, qn] = both("check -T none --output=json t.qcow2");
+    EXPECT_EQ(json::parse(kn.out), json::parse(qn.out));
+    auto [kb, qb] = both("check -T bogus t.qcow2");
+    EXPECT_EQ(kb.status, 1);
+    EXPECT_EQ(qb.status, 1);
+    EXPECT_EQ(kb.out.substr(kb.out.find(": ")), qb.out.substr(qb.out.find(": ")));
   }
   ASSERT_EQ(::truncate(img.c_str(), 0x80000), 0);
   write_file_at(img, 0x20000 + 6 * 2, {0, 1});  // leaked cluster 6
