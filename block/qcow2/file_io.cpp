@@ -26,8 +26,6 @@ namespace {
 constexpr uint64_t kDirectAlignment = kDirectIoAlignment;
 constexpr uint64_t kBounceLimit = 1 << 20;  // bytes bounced per step
 
-uint64_t align_down(uint64_t value) { return value / kDirectAlignment * kDirectAlignment; }
-
 bool opened_direct(int fd) {
   const int flags = ::fcntl(fd, F_GETFL);
   return flags >= 0 && (flags & O_DIRECT) != 0;
@@ -46,7 +44,7 @@ size_t pread_aligned(int fd, std::span<uint8_t> buf, uint64_t offset) {
 struct BounceSpan {
   uint64_t begin, end;
   BounceSpan(uint64_t offset, uint64_t length)
-      : begin(align_down(offset)),
+      : begin(round_down(offset, kDirectAlignment)),
         end(std::min(round_up(offset + length, kDirectAlignment), begin + kBounceLimit)) {}
   uint64_t size() const { return end - begin; }
 };

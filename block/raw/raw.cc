@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "base/aligned_buffer.h"
+#include "base/math.h"
 #include "base/unique_fd.h"
 #include "block/raw/io_engine.h"
 #include "block/raw/range_serializer.h"
@@ -38,11 +39,6 @@ constexpr uint64_t kZeroChunk = 1 << 20;
 
 // Shared source for writing zeroes; aligned for any O_DIRECT device.
 alignas(4096) unsigned char g_zeroes[kZeroChunk];
-
-uint64_t align_down(uint64_t value, uint64_t alignment) { return value / alignment * alignment; }
-uint64_t align_up(uint64_t value, uint64_t alignment) {
-  return align_down(value + alignment - 1, alignment);
-}
 
 uint64_t total_length(std::span<const iovec> iov) {
   uint64_t total = 0;
@@ -207,8 +203,8 @@ class RawDevice final : public RawBlockDevice {
   void serialise(uint64_t offset, uint64_t length, bool exclusive, Completion finish,
                  std::function<void(Completion)> body) {
     if (geometry_.alignment == 1) return body(std::move(finish));
-    const uint64_t begin = align_down(offset, geometry_.alignment);
-    const uint64_t end = align_up(offset + length, geometry_.alignment);
+    const uint64_t begin = round_down(offset, geometry_.alignment);
+    const uint64_t end = round_up(offset + length, geometry_.alignment);
     serializer_.acquire(
         begin, end, exclusive,
         [this, finish = std::move(finish), body = std::move(body)](RangeSerializer::Ticket ticket) {
@@ -230,8 +226,8 @@ class RawDevice final : public RawBlockDevice {
 
   // Reads the aligned span around the request into an aligned buffer and copies the asked part.
   void bounce_read(uint64_t offset, uint64_t length, std::vector<iovec> iov, Completion done) {
-    const uint64_t begin = align_down(offset, geometry_.alignment);
-    const uint64_t end = align_up(offset + length, geometry_.alignment);
+    const uint64_t begin = round_down(offset, geometry_.alignment);
+    const uint64_t end = round_up(offset + length, geometry_.alignment);
     auto buffer = std::make_shared<AlignedBuffer>(end - begin, geometry_.alignment, std::nothrow);
     if (buffer->data() == nullptr) return post(-ENOMEM, std::move(done));
     std::vector<iovec> span{{buffer->data(), end - begin}};
@@ -248,8 +244,8 @@ class RawDevice final : public RawBlockDevice {
   void read_modify_write(uint64_t offset, uint64_t length, std::vector<iovec> iov,
                          Completion done) {
     const uint64_t alignment = geometry_.alignment;
-    const uint64_t begin = align_down(offset, alignment);
-    const uint64_t end = align_up(offset + length, alignment);
+    const uint64_t begin = round_down(offset, alignment);
+    const uint64_t end = round_up(offset + length, alignment);
     auto buffer = std::make_shared<AlignedBuffer>(end - begin, alignment, std::nothrow);
     if (buffer->data() == nullptr) return post(-ENOMEM, std::move(done));
 
@@ -291,8 +287,8 @@ class RawDevice final : public RawBlockDevice {
       done(is_unsupported(result) ? 0 : result);
     };
     if (geometry_.block_device) {
-      const uint64_t begin = align_up(offset, geometry_.block_size);
-      const uint64_t end = align_down(offset + length, geometry_.block_size);
+      const uint64_t begin = round_up(offset, geometry_.block_size);
+      const uint64_t end = round_down(offset + length, geometry_.block_size);
       if (begin >= end) return post(0, std::move(hint_done));
       engine_->submit(IoOp::discard_ioctl(fd_.get(), begin, end - begin, std::move(hint_done)));
       return;
