@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <fstream>
 #include <random>
+#include <system_error>
 
 #include "block/qcow2/file_io.h"
 #include "block/qcow2/qcow2.h"
@@ -88,6 +89,21 @@ TEST_F(FileIoDirectTest, UnalignedWritesKeepTheirNeighboursAndTheFileSize) {
   write(777, random_bytes(rng_, (2 << 20) + 333));
   EXPECT_EQ(fd_size(fd_), model_.size()) << "padding past the end must be cut off again";
   EXPECT_EQ(read_file(dir_ / "f"), model_);
+}
+
+// A file system without O_DIRECT (procfs here; tmpfs before Linux 6.6) is a clear error at open,
+// not a failure at the first I/O.
+TEST(CacheNoneOpen, FileSystemWithoutODirectIsAClearError) {
+  try {
+    RawImage::open("/proc/version", true, true, CacheMode::kNone);
+    FAIL() << "O_DIRECT open of /proc/version succeeded";
+  } catch (const std::system_error& e) {
+    EXPECT_EQ(e.code().value(), EINVAL);
+    EXPECT_NE(std::string(e.what()).find("does not support O_DIRECT (cache=none)"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_NO_THROW(RawImage::open("/proc/version", true, true, CacheMode::kWriteback));
 }
 
 // Every image operation that writes metadata, under O_DIRECT and through the page cache, with
