@@ -42,10 +42,16 @@ qemu-img convert -O qcow2 "$DENSE_RAW" "$WORK/dense.qcow2"
 rm -f "$DENSE_RAW"
 sync
 
-PREP=()  # command run (untimed) before each timed run of the current row
-seconds() { # runs "$@", prints wall seconds
-  local start end
-  if ((${#PREP[@]})); then "${PREP[@]}" >/dev/null; fi
+# Command run (untimed) before each timed run of the current row: PREP before either tool's;
+# KPREP/QPREP, where set, instead of it before kiln's/qemu-img's.
+PREP=() KPREP=() QPREP=()
+seconds() { # [prep...] -- cmd...: runs prep, then cmd; prints cmd's wall seconds
+  local prep=() start end
+  while [[ $1 != -- ]]; do prep+=("$1"); shift; done
+  shift
+  # The previous run's dirty pages are written back now, not during this run.
+  sync
+  if ((${#prep[@]})); then "${prep[@]}" >/dev/null; fi
   start=$(date +%s.%N)
   "$@" >/dev/null
   end=$(date +%s.%N)
@@ -59,10 +65,15 @@ row() { # name target_ratio kiln_cmd... -- qemu_cmd...
   while [[ $1 != -- ]]; do kcmd+=("$1"); shift; done
   shift
   qcmd=("$@")
+  local kprep=("${PREP[@]}") qprep=("${PREP[@]}")
+  if ((${#KPREP[@]})); then kprep=("${KPREP[@]}"); fi
+  if ((${#QPREP[@]})); then qprep=("${QPREP[@]}"); fi
   local best_k=999999 best_q=999999 t
   for ((i = 0; i < REPEAT; i++)); do
-    t=$(seconds "${kcmd[@]}"); best_k=$(echo "if ($t < $best_k) $t else $best_k" | bc -l)
-    t=$(seconds "${qcmd[@]}"); best_q=$(echo "if ($t < $best_q) $t else $best_q" | bc -l)
+    t=$(seconds "${kprep[@]}" -- "${kcmd[@]}")
+    best_k=$(echo "if ($t < $best_k) $t else $best_k" | bc -l)
+    t=$(seconds "${qprep[@]}" -- "${qcmd[@]}")
+    best_q=$(echo "if ($t < $best_q) $t else $best_q" | bc -l)
   done
   local ratio verdict
   ratio=$(echo "$best_k / $best_q" | bc -l)
@@ -70,7 +81,7 @@ row() { # name target_ratio kiln_cmd... -- qemu_cmd...
   verdict=$(echo "$ratio <= 1 / $target" | bc -l)
   printf '%-40s %9.3f %9.3f %7.2f %7s %s\n' "$name" "$best_k" "$best_q" "$ratio" \
     "${target}x" "$([[ $verdict == 1 ]] && echo ok || echo MISS)"
-  PREP=()
+  PREP=() KPREP=() QPREP=()
 }
 
 printf '%-40s %9s %9s %7s %7s\n' "operation (${SIZE_MB} MiB, best of $REPEAT)" "kiln [s]" \
@@ -87,10 +98,19 @@ for depth in 1 64; do
     "$KILN" bench -w -c "$REQS" -d $depth -s 4k -S $STEP "$WORK/fresh.qcow2" -- \
     qemu-img bench -w -c "$REQS" -d $depth -s 4k -S $STEP "$WORK/fresh.qcow2"
 done
+# Convert rows write a new file: each tool's previous output is deleted (untimed) before its run.
+# Converting over it would also time the file system freeing it (ext4 truncating the 512 MiB
+# output of a 1 GiB run took 0.2 s here, the same for both tools), and deleting its own output
+# hands each tool back the memory its previous run used: on a VM with free page reporting,
+# memory free for a while costs a host page fault on first touch, which swung these rows 4x.
+fresh() { KPREP=(rm -f "$WORK/$1") QPREP=(rm -f "$WORK/$2"); }
+fresh k.qcow2 q.qcow2
 row "convert raw -> qcow2" 1.5 "$KILN" convert -O qcow2 "$SRC" "$WORK/k.qcow2" -- \
   qemu-img convert -O qcow2 "$SRC" "$WORK/q.qcow2"
+fresh k.raw q.raw
 row "convert qcow2 -> raw" 1.5 "$KILN" convert -O raw "$WORK/q.qcow2" "$WORK/k.raw" -- \
   qemu-img convert -O raw "$WORK/q.qcow2" "$WORK/q.raw"
+fresh kc.qcow2 qc.qcow2
 row "convert -c zstd raw -> qcow2" 1.5 \
   "$KILN" convert -c -O qcow2 -o compression_type=zstd "$SRC" "$WORK/kc.qcow2" -- \
   qemu-img convert -c -O qcow2 -o compression_type=zstd "$SRC" "$WORK/qc.qcow2"
@@ -102,6 +122,7 @@ for depth in 1 64; do
     "$KILN" bench -t none -c "$REQS" -d $depth -s 4k -S $STEP "$WORK/dense.qcow2" -- \
     qemu-img bench -t none -c "$REQS" -d $depth -s 4k -S $STEP "$WORK/dense.qcow2"
 done
+fresh kd.qcow2 qd.qcow2
 row "convert raw -> qcow2 -t none -T none" 1 \
   "$KILN" convert -t none -T none -O qcow2 "$SRC" "$WORK/kd.qcow2" -- \
   qemu-img convert -t none -T none -O qcow2 "$SRC" "$WORK/qd.qcow2"

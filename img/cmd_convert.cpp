@@ -1,7 +1,7 @@
 // kiln-img convert: copies the guest-visible contents of any image (whole chain) into a new raw
 // or qcow2 image, skipping zero ranges so the target stays sparse.
 //
-// Pipeline: -m reader threads take 2 MiB chunks in turn, read them (several preads in flight),
+// Pipeline: -m reader threads take 1 MiB chunks in turn, read them (several preads in flight),
 // find the zero clusters and, for -c, compress; one writer (this thread) applies the chunks in
 // guest order, so a qcow2 target allocates its clusters in guest-offset order as qemu-img's
 // does. With -W and a raw target the readers write their chunks themselves: order does not
@@ -319,6 +319,19 @@ class Pipeline {
   std::vector<std::thread> readers_;
 };
 
+// The unit the pipeline reads, scans and writes. 1 MiB chunks were measured faster than
+// qemu-img's 2 MiB requests on a 2-CPU host, each tool writing a new file of a 1 GiB half-data
+// image, 8 interleaved runs: medians raw->qcow2 0.13 s (2 MiB: 0.16 s) and qcow2->raw 0.12 s
+// (2 MiB: 0.135 s); -c and -t none were no slower. The reader's copy of a smaller chunk is
+// still in the CPU's cache when the writer copies it into the target. A chunk's edges matter
+// only for -S larger than the target's cluster (its leading and trailing zeros stay sparse, see
+// zero_pieces): then the chunk is qemu-img's request size, so short zero runs land as in its
+// output.
+uint64_t chunk_size(uint64_t granularity, uint64_t sparse_size) {
+  const uint64_t preferred = sparse_size > granularity ? 2ull << 20 : 1ull << 20;
+  return std::max(granularity, preferred);
+}
+
 // -S as qemu-img 7.2 takes it: a size with the usual suffixes, a multiple of 512, at most 16 MiB.
 uint64_t parse_sparse_size(const char* text) {
   uint64_t size;
@@ -502,7 +515,7 @@ int cmd_convert(int argc, char** argv) {
     throw UsageError(fmt::format("Unknown file format '{}'", o.out_fmt));
   }
 
-  const uint64_t chunk = std::max<uint64_t>(dst.granularity(), 2ull << 20);
+  const uint64_t chunk = chunk_size(dst.granularity(), o.sparse_size);
   int last_percent = -1;
   {
     Pipeline pipeline(*src, dst, o, chunk);

@@ -11,7 +11,7 @@ class ConvertTest : public ImgToolTest {
  protected:
   void SetUp() override {
     ImgToolTest::SetUp();
-    // Data in most 2 MiB chunks (convert's unit of work), holes and zeros between, and a tail
+    // Data in most 1 MiB chunks (convert's unit of work), holes and zeros between, and a tail
     // that is not a whole cluster.
     sh("qemu-img create -q -f raw src.raw 24M && truncate -s 25165312 src.raw");
     sh("qemu-io -f raw -c 'write -P 0x11 0 3M' -c 'write -P 0x22 5M 64k' "
