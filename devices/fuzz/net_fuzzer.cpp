@@ -1,12 +1,14 @@
-// libFuzzer target: virtio-net's transmit and receive paths over rings taken from the fuzz input,
+// libFuzzer target: virtio-net's transmit, receive and control paths over rings taken from the
+// fuzz input,
 // with a datagram socketpair standing in for the tap and a few host frames waiting to be
 // received. Whatever the guest's descriptors say, the device must only touch guest RAM.
 //
 // Input: [0..1] queue size, [2] flags (bit 0 indirect, bit 1 event idx, bit 2 receive
 // offloads, bit 3 merged receive buffers, bit 4 one host frame of 40000 bytes more, longer
-// than the RAM), [3] host frames to queue (low 3 bits), then the transmit queue's descriptor table,
-// avail and used ring offsets and the receive queue's (six 16-bit values, in 16-byte units
-// inside the RAM), then the initial RAM contents.
+// than the RAM, bit 5 a control queue), [3] host frames to queue (low 3 bits), then the
+// transmit queue's descriptor table, avail and used ring offsets, the receive queue's and the
+// control queue's (nine 16-bit values, in 16-byte units inside the RAM), then the initial RAM
+// contents.
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 
@@ -26,7 +28,7 @@ using namespace kiln;
 using namespace kiln::devices::virtio;
 
 constexpr uint64_t kRamSize = 64 * 1024;
-constexpr size_t kHeaderSize = 16;
+constexpr size_t kHeaderSize = 22;
 
 const memory::GuestMemory& ram() {
   static memory::GuestMemory memory = memory::GuestMemory::create_ram(kRamSize);
@@ -62,12 +64,13 @@ void run_net(const uint8_t* header) {
   UniqueFd peer(pair[1]);
   VirtioNet net(std::make_unique<SocketBackend>(pair[0]), default_mac("fuzz"), loop);
   std::vector<Queue> queues;
-  queues.emplace_back(256);
-  queues.emplace_back(256);
+  for (int i = 0; i < 3; ++i) queues.emplace_back(256);
   configure(queues[kNetReceiveQueue], header, header + 10);
   configure(queues[kNetTransmitQueue], header, header + 4);
+  const bool control = header[2] & 32;
+  if (control) configure(queues[kNetControlQueue], header, header + 16);
   for (Queue& queue : queues)
-    if (queue.activate(ram())) return;
+    if (queue.ready() && queue.activate(ram())) return;
   for (int i = 0; i < (header[3] & 7); ++i) {
     std::vector<uint8_t> frame(kNetHeaderSize + 60 + 700 * i, uint8_t(i));
     [[maybe_unused]] ssize_t sent = send(peer.get(), frame.data(), frame.size(), 0);
@@ -80,8 +83,10 @@ void run_net(const uint8_t* header) {
   uint64_t features = net.device_features();
   if (!(header[2] & 4)) features &= ~(kNetFeatureGuestCsum | kNetFeatureGuestTso4);
   if (!(header[2] & 8)) features &= ~kNetFeatureMrgRxbuf;
+  if (!control) features &= ~(kNetFeatureCtrlVq | kNetFeatureCtrlGuestOffloads);
   VirtioActivation activation{&ram(), queues, &interrupt, features, {}};
   if (!net.activate(activation)) return;
+  net.process_queue(kNetControlQueue);  // does nothing without the queue
   net.process_queue(kNetTransmitQueue);
   net.process_queue(kNetReceiveQueue);
   // Again, as after a driver's kick: a frame kept for want of buffers is retried.

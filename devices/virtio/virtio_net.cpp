@@ -1,5 +1,6 @@
 #include "devices/virtio/virtio_net.h"
 
+#include <endian.h>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
@@ -34,7 +35,11 @@ constexpr int kRearmLimit = 16;
 constexpr uint64_t kNetDeviceFeatures =
     kNetFeatureMac | kNetFeatureStatus | kNetFeatureCsum | kNetFeatureHostTso4 |
     kNetFeatureHostTso6 | kNetFeatureHostEcn | kNetFeatureGuestCsum | kNetFeatureGuestTso4 |
-    kNetFeatureGuestTso6 | kNetFeatureGuestEcn;
+    kNetFeatureGuestTso6 | kNetFeatureGuestEcn | kNetFeatureCtrlVq | kNetFeatureCtrlGuestOffloads;
+// The receive offloads the driver may switch with VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET, whose
+// bitmap uses the feature bits' numbers.
+constexpr uint64_t kGuestOffloadFeatures =
+    kNetFeatureGuestCsum | kNetFeatureGuestTso4 | kNetFeatureGuestTso6 | kNetFeatureGuestEcn;
 // Ring features of either data path, the kernel's masked with what it reports. Merged receive
 // buffers let one 64 KiB GSO frame span several small buffers, so the driver need not post a
 // 64 KiB buffer per receive descriptor.
@@ -46,6 +51,18 @@ constexpr uint64_t kMaxReceive = kNetHeaderSize + kNetMaxFrame;
 
 bool acked(const VirtioActivation& activation, uint64_t feature) {
   return activation.acked_features & feature;
+}
+
+// The tap's offload flags for guest receive offloads given as feature bits. Segmentation and
+// ECN mean nothing to the tap without checksum offload, ECN nothing without segmentation.
+uint32_t tap_offloads(uint64_t guest_offloads) {
+  if (!(guest_offloads & kNetFeatureGuestCsum)) return 0;
+  uint32_t flags = kTunOffloadCsum;
+  if (guest_offloads & kNetFeatureGuestTso4) flags |= kTunOffloadTso4;
+  if (guest_offloads & kNetFeatureGuestTso6) flags |= kTunOffloadTso6;
+  if ((guest_offloads & kNetFeatureGuestEcn) && (flags & (kTunOffloadTso4 | kTunOffloadTso6)))
+    flags |= kTunOffloadTsoEcn;
+  return flags;
 }
 
 }  // namespace
@@ -98,6 +115,10 @@ VirtioNet::~VirtioNet() {
     // The transport may be half gone: no interrupts, no write-back into its queues.
     std::lock_guard lock(mutex_);
     activation_ = {};
+    {
+      std::lock_guard control_lock(control_mutex_);
+      control_.reset();
+    }
     stop_kernel_locked();
   }
   const NetMetrics& m = metrics_;
@@ -105,12 +126,14 @@ VirtioNet::~VirtioNet() {
       "virtio-net {}: tx {} frames {} bytes {} dropped, {} kicks {} interrupts; rx {} frames {} "
       "bytes {} dropped, {} tap wake-ups {} kicks {} interrupts, {} pauses, {} bad buffers; {} "
       "kernel "
-      "data path starts ({} rings with direct kicks, {} with direct interrupts)",
+      "data path starts ({} rings with direct kicks, {} with direct interrupts); {} control "
+      "commands, {} refused",
       format_mac(mac_), m.tx_packets.load(), m.tx_bytes.load(), m.tx_dropped.load(),
       m.tx_kicks.load(), m.tx_interrupts.load(), m.rx_packets.load(), m.rx_bytes.load(),
       m.rx_dropped.load(), m.rx_wakeups.load(), m.rx_kicks.load(), m.rx_interrupts.load(),
       m.rx_pauses.load(), m.rx_bad_buffers.load(), m.kernel_starts.load(),
-      m.kernel_direct_kicks.load(), m.kernel_direct_calls.load());
+      m.kernel_direct_kicks.load(), m.kernel_direct_calls.load(), m.control_commands.load(),
+      m.control_errors.load());
 }
 
 uint64_t VirtioNet::device_features() const {
@@ -129,15 +152,9 @@ void VirtioNet::read_config(uint64_t offset, std::span<uint8_t> data) {
 
 bool VirtioNet::activate(const VirtioActivation& activation) {
   std::lock_guard lock(mutex_);
-  if (activation.queues.size() != 2) return false;
-  uint32_t offloads = 0;
-  if (acked(activation, kNetFeatureGuestCsum)) {
-    offloads |= kTunOffloadCsum;
-    if (acked(activation, kNetFeatureGuestTso4)) offloads |= kTunOffloadTso4;
-    if (acked(activation, kNetFeatureGuestTso6)) offloads |= kTunOffloadTso6;
-    if (acked(activation, kNetFeatureGuestEcn) && (offloads & (kTunOffloadTso4 | kTunOffloadTso6)))
-      offloads |= kTunOffloadTsoEcn;
-  }
+  if (activation.queues.size() != num_queues()) return false;
+  // Negotiated receive offloads start enabled (spec 5.1.6.5.6.1).
+  const uint32_t offloads = tap_offloads(activation.acked_features);
   if (!backend_->set_offloads(offloads)) {
     log_.warn(fmt::format("virtio-net: the tap refused offloads {:#x}", offloads));
     return false;
@@ -147,11 +164,18 @@ bool VirtioNet::activate(const VirtioActivation& activation) {
   pending_ = 0;
   activation_ = activation;
   active_ = true;
+  {
+    std::lock_guard control_lock(control_mutex_);
+    control_ = activation;
+    guest_offloads_ = activation.acked_features & kGuestOffloadFeatures;
+  }
   if (kernel_) {
     paused_ = false;
     if (start_kernel_locked()) return true;
     active_ = false;
     activation_ = {};
+    std::lock_guard control_lock(control_mutex_);
+    control_.reset();
     return false;
   }
   // Frames the tap queued before the driver came up are read as soon as there are buffers.
@@ -163,6 +187,11 @@ void VirtioNet::reset() {
   bool was_watching;
   {
     std::lock_guard lock(mutex_);
+    {
+      // A command running now finishes first; none runs after this.
+      std::lock_guard control_lock(control_mutex_);
+      control_.reset();
+    }
     stop_kernel_locked();
     paused_ = false;
     active_ = false;
@@ -268,6 +297,10 @@ void VirtioNet::unwatch_backend_locked() {
 }
 
 void VirtioNet::process_queue(uint16_t queue) {
+  if (queue == kNetControlQueue) {
+    process_control();
+    return;
+  }
   if (kernel_) {
     // Relay the driver's notification; no lock, as pause() and reset() wait for the loop while
     // holding it. A kick while the kernel is stopped is kept by the eventfd.
@@ -288,6 +321,103 @@ void VirtioNet::process_queue(uint16_t queue) {
     watch_backend_locked();
     receive_locked();
   }
+}
+
+void VirtioNet::process_control() {
+  std::lock_guard lock(control_mutex_);
+  if (!control_) return;
+  Queue& queue = control_->queues[kNetControlQueue];
+  if (!queue.ready()) return;
+  const memory::GuestMemory& memory = *control_->memory;
+  bool used = false;
+  do {
+    DescriptorChain chain;
+    Queue::PopStatus status;
+    while ((status = queue.pop(memory, chain)) == Queue::PopStatus::kChain) {
+      if (!queue.add_used(memory, chain.head, run_control_command(chain))) {
+        control_->interrupt->needs_reset("virtio-net: control used ring unwritable");
+        return;
+      }
+      used = true;
+    }
+    if (status == Queue::PopStatus::kError) {
+      control_->interrupt->needs_reset("virtio-net controlq: " + queue.error());
+      return;
+    }
+  } while (queue.enable_notification());
+  if (used && queue.needs_notification()) control_->interrupt->signal_queue(kNetControlQueue);
+}
+
+// Runs one command; returns the bytes written into the chain (the ack, or 0 without room).
+uint32_t VirtioNet::run_control_command(const DescriptorChain& chain) {
+  ChainBuffers command(chain, false), reply(chain, true);
+  uint8_t header[2];  // class, command
+  uint8_t ack = kNetCtrlErr;
+  if (reply.size() == 0) {
+    log_.warn("virtio-net: a control command without room for the device's ack");
+    metrics_.control_errors++;
+    return 0;
+  }
+  if (!command.read(0, header)) {
+    log_.warn("virtio-net: a control command shorter than its class and command bytes");
+  } else if (header[0] == kNetCtrlGuestOffloads && header[1] == kNetCtrlGuestOffloadsSet &&
+             (control_->acked_features & kNetFeatureCtrlGuestOffloads)) {
+    ack = set_guest_offloads(command);
+  } else {
+    log_.warn(fmt::format("virtio-net: unsupported control command class {} command {}", header[0],
+                          header[1]));
+  }
+  (ack == kNetCtrlOk ? metrics_.control_commands : metrics_.control_errors)++;
+  reply.write(*control_->memory, 0, std::span(&ack, 1));
+  return 1;
+}
+
+// VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET: a le64 bitmap of the receive offloads to keep on, each
+// of which must have been negotiated (spec 5.1.6.5.6).
+uint8_t VirtioNet::set_guest_offloads(const ChainBuffers& command) {
+  uint64_t offloads = 0;
+  if (command.size() != 2 + sizeof(offloads)) {
+    log_.warn(fmt::format("virtio-net: GUEST_OFFLOADS_SET with {} bytes of data, not 8",
+                          command.size() - 2));
+    return kNetCtrlErr;
+  }
+  command.read(2, std::span(reinterpret_cast<uint8_t*>(&offloads), sizeof(offloads)));
+  offloads = le64toh(offloads);
+  const uint64_t allowed = control_->acked_features & kGuestOffloadFeatures;
+  if (offloads & ~allowed) {
+    log_.warn(fmt::format("virtio-net: GUEST_OFFLOADS_SET {:#x} asks for offloads not negotiated",
+                          offloads));
+    return kNetCtrlErr;
+  }
+  const uint32_t flags = tap_offloads(offloads);
+  if (!backend_->set_offloads(flags)) {
+    log_.warn(fmt::format("virtio-net: the tap refused offloads {:#x}", flags));
+    return kNetCtrlErr;
+  }
+  offloads_ = flags;
+  guest_offloads_ = offloads;
+  return kNetCtrlOk;
+}
+
+NetState VirtioNet::save() {
+  std::lock_guard lock(control_mutex_);
+  return {NetState::kVersion, control_ ? guest_offloads_ : 0};
+}
+
+void VirtioNet::restore(const NetState& state) {
+  if (state.version != NetState::kVersion)
+    throw std::invalid_argument(fmt::format("virtio-net: state version {} (this kiln reads {})",
+                                            state.version, NetState::kVersion));
+  std::lock_guard lock(control_mutex_);
+  if (!control_) return;  // the driver had not set DRIVER_OK: nothing is on
+  if (state.guest_offloads & ~(control_->acked_features & kGuestOffloadFeatures))
+    throw std::invalid_argument(
+        fmt::format("virtio-net: saved offloads {:#x} were not negotiated", state.guest_offloads));
+  const uint32_t flags = tap_offloads(state.guest_offloads);
+  if (!backend_->set_offloads(flags))
+    throw std::runtime_error(fmt::format("virtio-net: the tap refused offloads {:#x}", flags));
+  offloads_ = flags;
+  guest_offloads_ = state.guest_offloads;
 }
 
 void VirtioNet::transmit_locked() {

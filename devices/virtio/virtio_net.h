@@ -8,6 +8,11 @@
 // instead: the device negotiates features, sets the tap's offloads and hands the rings and the
 // tap over on DRIVER_OK, relays notifications through eventfds, and takes them back on reset.
 //
+// With VIRTIO_NET_F_CTRL_VQ a third queue carries the driver's control commands; the device
+// does VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET (VIRTIO_NET_F_CTRL_GUEST_OFFLOADS), which lets a
+// guest turn receive offloads off at run time, as it must before it attaches an XDP program.
+// Commands run in this process whichever data path moves the frames.
+//
 // Receive is driven by the tap: the event loop watches its fd while the guest has receive
 // buffers posted, and stops watching it when they run out (or a readable tap with nowhere to
 // put the frame would spin the loop) until the guest kicks the receive queue again.
@@ -28,13 +33,17 @@
 
 namespace kiln::devices::virtio {
 
+class ChainBuffers;
+
 inline constexpr uint32_t kDeviceIdNet = 1;
 inline constexpr uint16_t kNetReceiveQueue = 0;
 inline constexpr uint16_t kNetTransmitQueue = 1;
+inline constexpr uint16_t kNetControlQueue = 2;
 
 // Feature bits (spec 5.1.3).
 inline constexpr uint64_t kNetFeatureCsum = 1ull << 0;
 inline constexpr uint64_t kNetFeatureGuestCsum = 1ull << 1;
+inline constexpr uint64_t kNetFeatureCtrlGuestOffloads = 1ull << 2;
 inline constexpr uint64_t kNetFeatureMac = 1ull << 5;
 inline constexpr uint64_t kNetFeatureGuestTso4 = 1ull << 7;
 inline constexpr uint64_t kNetFeatureGuestTso6 = 1ull << 8;
@@ -44,6 +53,13 @@ inline constexpr uint64_t kNetFeatureHostTso6 = 1ull << 12;
 inline constexpr uint64_t kNetFeatureHostEcn = 1ull << 13;
 inline constexpr uint64_t kNetFeatureMrgRxbuf = 1ull << 15;
 inline constexpr uint64_t kNetFeatureStatus = 1ull << 16;
+inline constexpr uint64_t kNetFeatureCtrlVq = 1ull << 17;
+
+// Control queue commands (spec 5.1.6.5): class, command, data, then the device's ack byte.
+inline constexpr uint8_t kNetCtrlGuestOffloads = 5;
+inline constexpr uint8_t kNetCtrlGuestOffloadsSet = 0;
+inline constexpr uint8_t kNetCtrlOk = 0;
+inline constexpr uint8_t kNetCtrlErr = 1;
 
 inline constexpr uint16_t kNetStatusLinkUp = 1;
 // struct virtio_net_hdr with num_buffers, always present with VIRTIO_F_VERSION_1.
@@ -83,6 +99,16 @@ struct NetMetrics {
   // kernel directly (no trip through kiln), out of 2 per start.
   std::atomic<uint64_t> kernel_direct_kicks{0};
   std::atomic<uint64_t> kernel_direct_calls{0};
+  std::atomic<uint64_t> control_commands{0};  // control queue commands acknowledged OK
+  std::atomic<uint64_t> control_errors{0};    // refused, unknown or malformed
+};
+
+// What virtio-net keeps beyond the transport's state: the receive offloads the driver left on
+// (feature bits; VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET may have changed them since negotiation).
+struct NetState {
+  static constexpr uint32_t kVersion = 1;
+  uint32_t version = kVersion;
+  uint64_t guest_offloads = 0;
 };
 
 class VirtioNet : public VirtioDevice {
@@ -97,7 +123,7 @@ class VirtioNet : public VirtioDevice {
   uint32_t device_type() const override { return kDeviceIdNet; }
   uint32_t pci_class_code() const override { return 0x020000; }  // Ethernet controller
   uint64_t device_features() const override;
-  uint16_t num_queues() const override { return 2; }
+  uint16_t num_queues() const override { return 3; }  // receive, transmit, control
   uint32_t config_size() const override { return kNetConfigSize; }
   void read_config(uint64_t offset, std::span<uint8_t> data) override;
 
@@ -120,8 +146,17 @@ class VirtioNet : public VirtioDevice {
   void pause();
   void resume();
 
+  NetState save();
+  // After the transport's restore(), which activates the device: gives the tap the offloads
+  // the driver had. Throws std::invalid_argument for a state of another version or offloads
+  // the driver did not negotiate, std::runtime_error if the tap refuses them.
+  void restore(const NetState& state);
+
  private:
   struct MergeState;
+  void process_control();
+  uint32_t run_control_command(const DescriptorChain& chain);
+  uint8_t set_guest_offloads(const ChainBuffers& command);
   void transmit_locked();
   void receive_locked();
   // kEmpty: no buffer, and the guest's kick is armed for its next ones. kBusy: the ring kept
@@ -155,6 +190,13 @@ class VirtioNet : public VirtioDevice {
   // (pending_ bytes, virtio_net_hdr first), and the bounce buffer it was read into.
   std::vector<uint8_t> bounce_;
   uint64_t pending_ = 0;
+  // The control queue has its own lock: its commands run on the event loop also while the
+  // kernel runs the rings, when no loop callback may take mutex_ (pause() and reset() hold it
+  // while they wait for the loop). Lock order: mutex_, then control_mutex_. Holds a copy of
+  // the activation while the device is active.
+  std::mutex control_mutex_;
+  std::optional<VirtioActivation> control_;
+  uint64_t guest_offloads_ = 0;  // with control_: the receive offloads on, as feature bits
   NetMetrics metrics_;
   RateLimitedLog log_;
 };

@@ -37,7 +37,7 @@ class SocketBackend : public NetBackend {
 
 std::vector<uint8_t> bytes(const std::string& text) { return {text.begin(), text.end()}; }
 
-constexpr uint64_t kRxDesc = 0x100000, kTxDesc = 0x110000;
+constexpr uint64_t kRxDesc = 0x100000, kTxDesc = 0x110000, kCtrlDesc = 0x120000;
 constexpr uint64_t kBuffers = 0x200000;
 
 class VirtioNetTest : public ::testing::Test {
@@ -57,6 +57,7 @@ class VirtioNetTest : public ::testing::Test {
     ASSERT_TRUE(driver_->negotiate(features));
     driver_->setup_queue(kNetReceiveQueue, rx_);
     driver_->setup_queue(kNetTransmitQueue, tx_);
+    if (features & kNetFeatureCtrlVq) driver_->setup_queue(kNetControlQueue, ctrl_);
     driver_->driver_ok();
     ASSERT_EQ(driver_->status() & kStatusDriverOk, kStatusDriverOk);
   }
@@ -84,6 +85,31 @@ class VirtioNetTest : public ::testing::Test {
     return {};
   }
 
+  // Sends a control command (class, command, data) in a chain of `readable` bytes and
+  // `writable` ack bytes; returns the ack, or -1 when the device wrote nothing back.
+  int control(uint8_t cls, uint8_t command, const std::vector<uint8_t>& data,
+              uint32_t writable = 1) {
+    constexpr uint64_t kCommand = kBuffers + 0x8000, kAck = kBuffers + 0x9000;
+    std::vector<uint8_t> bytes = {cls, command};
+    bytes.insert(bytes.end(), data.begin(), data.end());
+    m_.memory.write(kCommand, bytes);
+    m_.memory.write(kAck, std::vector<uint8_t>{0xAA});
+    std::vector<DriverQueue::Buffer> chain = {{kCommand, uint32_t(bytes.size()), false}};
+    if (writable) chain.push_back({kAck, writable, true});
+    const uint16_t id = control_sent_++;
+    ctrl_.add_chain(chain, id);
+    driver_->notify(kNetControlQueue);
+    if (!VirtioPciTestDriver::wait_used(ctrl_, control_sent_)) return -2;
+    const auto [head, written] = ctrl_.used_element(id);
+    EXPECT_EQ(head, id);
+    return written == 0 ? -1 : guest_read(kAck, 1)[0];
+  }
+  static std::vector<uint8_t> le64(uint64_t value) {
+    std::vector<uint8_t> out(8);
+    for (int i = 0; i < 8; ++i) out[size_t(i)] = uint8_t(value >> (8 * i));
+    return out;
+  }
+
   std::vector<uint8_t> guest_read(uint64_t gpa, size_t len) {
     std::vector<uint8_t> out(len);
     m_.memory.read(gpa, out);
@@ -93,6 +119,8 @@ class VirtioNetTest : public ::testing::Test {
   TestMachine m_;
   DriverQueue rx_{m_.memory, 16, kRxDesc, kRxDesc + 0x1000, kRxDesc + 0x2000};
   DriverQueue tx_{m_.memory, 16, kTxDesc, kTxDesc + 0x1000, kTxDesc + 0x2000};
+  DriverQueue ctrl_{m_.memory, 16, kCtrlDesc, kCtrlDesc + 0x1000, kCtrlDesc + 0x2000};
+  uint16_t control_sent_ = 0;
   std::atomic<uint32_t> offloads_{0xFFFF};
   UniqueFd peer_;
   std::shared_ptr<VirtioNet> net_;
@@ -283,6 +311,105 @@ TEST_F(VirtioNetTest, ReceiveOffloadsFollowTheGuestsFeatures) {
   // Segmentation without checksum offload is meaningless to the tap: nothing is enabled.
   bring_up(kFeatureVersion1 | kNetFeatureGuestTso4);
   EXPECT_EQ(offloads_, 0u);
+}
+
+constexpr uint64_t kOffloadingGuest = kFeatureVersion1 | kNetFeatureCtrlVq |
+                                      kNetFeatureCtrlGuestOffloads | kNetFeatureGuestCsum |
+                                      kNetFeatureGuestTso4 | kNetFeatureGuestTso6;
+
+// What a Linux guest does before it attaches an XDP program: receive offloads off, then on.
+TEST_F(VirtioNetTest, GuestOffloadsSetSwitchesTheTapsReceiveOffloads) {
+  EXPECT_TRUE(driver_->device_features() & kNetFeatureCtrlVq);
+  EXPECT_TRUE(driver_->device_features() & kNetFeatureCtrlGuestOffloads);
+  bring_up(kOffloadingGuest);
+  EXPECT_EQ(offloads_, kTunOffloadCsum | kTunOffloadTso4 | kTunOffloadTso6);
+  EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet, le64(0)), kNetCtrlOk);
+  EXPECT_EQ(offloads_, 0u);
+  EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet, le64(kNetFeatureGuestCsum)),
+            kNetCtrlOk);
+  EXPECT_EQ(offloads_, kTunOffloadCsum);
+  EXPECT_EQ(net_->backend_offloads(), kTunOffloadCsum);
+  EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet,
+                    le64(kNetFeatureGuestCsum | kNetFeatureGuestTso4 | kNetFeatureGuestTso6)),
+            kNetCtrlOk);
+  EXPECT_EQ(offloads_, kTunOffloadCsum | kTunOffloadTso4 | kTunOffloadTso6);
+  EXPECT_EQ(net_->metrics().control_commands, 3u);
+  EXPECT_EQ(net_->metrics().control_errors, 0u);
+  // The device's reset turns them off, and the next driver starts from its own features.
+  driver_->set_status(0);
+  EXPECT_EQ(offloads_, 0u);
+}
+
+// The offloads a command left travel with the device's state; the destination's tap gets them.
+TEST_F(VirtioNetTest, SavedStateCarriesTheOffloadsTheDriverSet) {
+  EXPECT_EQ(net_->save().guest_offloads, 0u);  // not up: nothing is on
+  bring_up(kOffloadingGuest);
+  EXPECT_EQ(net_->save().guest_offloads,
+            kNetFeatureGuestCsum | kNetFeatureGuestTso4 | kNetFeatureGuestTso6);
+  ASSERT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet, le64(kNetFeatureGuestCsum)),
+            kNetCtrlOk);
+  const NetState net_state = net_->save();
+  EXPECT_EQ(net_state.guest_offloads, kNetFeatureGuestCsum);
+  const VirtioPciState state = transport_->save();
+
+  int pair[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair), 0);
+  UniqueFd peer(pair[1]);
+  std::atomic<uint32_t> offloads{0xFFFF};
+  auto net = std::make_shared<VirtioNet>(std::make_unique<SocketBackend>(pair[0], offloads),
+                                         net_->mac(), m_.loop);
+  auto transport = std::make_shared<VirtioPciDevice>(net, m_.memory, m_.msi, m_.loop);
+  driver_->set_status(0);
+  transport->restore(state);
+  EXPECT_EQ(offloads, kTunOffloadCsum | kTunOffloadTso4 | kTunOffloadTso6);  // negotiated
+  net->restore(net_state);
+  EXPECT_EQ(offloads, kTunOffloadCsum);
+  EXPECT_EQ(net->save().guest_offloads, kNetFeatureGuestCsum);
+  // Another version, or offloads the driver never negotiated, are refused.
+  EXPECT_THROW(net->restore({NetState::kVersion + 1, 0}), std::invalid_argument);
+  EXPECT_THROW(net->restore({NetState::kVersion, kNetFeatureGuestEcn}), std::invalid_argument);
+  EXPECT_EQ(offloads, kTunOffloadCsum);
+}
+
+TEST_F(VirtioNetTest, BadControlCommandsAreRefusedAndChangeNothing) {
+  bring_up(kOffloadingGuest);
+  const uint32_t negotiated = offloads_;
+  // ECN was not negotiated: the driver may not turn it on.
+  EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet,
+                    le64(kNetFeatureGuestCsum | kNetFeatureGuestEcn)),
+            kNetCtrlErr);
+  EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet, le64(1ull << 40)),
+            kNetCtrlErr);
+  // Data of the wrong size, a command or class the device does not know, no command at all.
+  EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet, {0, 0, 0, 0}), kNetCtrlErr);
+  EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet, std::vector<uint8_t>(9, 0)),
+            kNetCtrlErr);
+  EXPECT_EQ(control(kNetCtrlGuestOffloads, 1, le64(0)), kNetCtrlErr);
+  EXPECT_EQ(control(0 /* VIRTIO_NET_CTRL_RX */, 0, {1}), kNetCtrlErr);
+  EXPECT_EQ(control(0xFF, 0xFF, {}), kNetCtrlErr);
+  // No room for the ack: the chain comes back with nothing written.
+  EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet, le64(0), 0), -1);
+  EXPECT_EQ(offloads_, negotiated);
+  EXPECT_EQ(net_->metrics().control_commands, 0u);
+  EXPECT_EQ(net_->metrics().control_errors, 8u);
+  EXPECT_FALSE(driver_->status() & kStatusNeedsReset);
+  // The queue still works.
+  EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet, le64(0)), kNetCtrlOk);
+  EXPECT_EQ(offloads_, 0u);
+}
+
+TEST_F(VirtioNetTest, GuestOffloadsSetNeedsItsFeature) {
+  bring_up(kOffloadingGuest & ~kNetFeatureCtrlGuestOffloads);
+  EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet, le64(0)), kNetCtrlErr);
+  EXPECT_EQ(offloads_, kTunOffloadCsum | kTunOffloadTso4 | kTunOffloadTso6);
+}
+
+TEST_F(VirtioNetTest, AControlChainOutsideGuestMemoryMeansNeedsReset) {
+  bring_up(kOffloadingGuest);
+  ctrl_.add_chain({{uint64_t(1) << 40, 10, false}, {kBuffers, 1, true}}, 0);
+  driver_->notify(kNetControlQueue);
+  for (int i = 0; i < 500 && !(driver_->status() & kStatusNeedsReset); ++i) usleep(1000);
+  EXPECT_TRUE(driver_->status() & kStatusNeedsReset);
 }
 
 TEST_F(VirtioNetTest, SaveRestoreResumesOnTheSameRingsWithANewBackend) {
@@ -556,6 +683,29 @@ TEST_F(VirtioNetKernelTest, FeaturesAreWhatBothTheDeviceAndTheKernelCanDo) {
   VirtioNet userspace(std::make_unique<SocketBackend>(pair[0], offloads), net_->mac(), m_.loop);
   EXPECT_TRUE(userspace.device_features() & kNetFeatureMrgRxbuf);
   EXPECT_TRUE(userspace.device_features() & kFeatureRingIndirectDesc);
+}
+
+// Commands run on the event loop while the kernel moves the frames (the control queue is not
+// handed to it), and resets with a command just kicked stop and restart the kernel cleanly.
+TEST_F(VirtioNetKernelTest, ControlCommandsRunBesideTheKernelDataPath) {
+  bring_up(kOffloadingGuest);
+  ASSERT_EQ(kernel_->starts, 1);
+  EXPECT_FALSE(net_->handles_notifications(kNetControlQueue));
+  EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet, le64(kNetFeatureGuestCsum)),
+            kNetCtrlOk);
+  EXPECT_EQ(offloads_, kTunOffloadCsum);
+  EXPECT_EQ(last_start().rings.size(), 2u);  // the control queue stays with the device
+  for (int i = 0; i < 20; ++i) {
+    ctrl_.add_chain({{kBuffers, 2, false}, {kBuffers + 0x100, 1, true}}, uint16_t(i % 16));
+    driver_->notify(kNetControlQueue);
+    driver_->set_status(0);
+    DriverQueue(m_.memory, 16, kRxDesc, kRxDesc + 0x1000, kRxDesc + 0x2000);
+    DriverQueue(m_.memory, 16, kTxDesc, kTxDesc + 0x1000, kTxDesc + 0x2000);
+    DriverQueue(m_.memory, 16, kCtrlDesc, kCtrlDesc + 0x1000, kCtrlDesc + 0x2000);
+    bring_up(kOffloadingGuest);
+  }
+  EXPECT_EQ(kernel_->starts, 21);
+  EXPECT_EQ(kernel_->stops, 20);
 }
 
 TEST_F(VirtioNetKernelTest, AKernelWithoutVersion1IsRefused) {

@@ -1,7 +1,8 @@
 """End-to-end test of kiln's virtio-net with a real guest on a real KVM (inside tools/kvm-sandbox):
 a tap with an address on the host side, the guest configures eth0 and we check its MAC, ping
 both ways, TCP transfers both ways with matching checksums (and their rates), and that a busy
-tap or a multicast MAC is a clear usage error. All of it twice: with the data path in kiln
+tap or a multicast MAC is a clear usage error. The guest switches its receive offloads off and
+on with ethtool (virtio-net's control queue) and a transfer in between still arrives intact. All of it twice: with the data path in kiln
 (vhost=off) and in the host kernel's vhost-net (vhost=on); the rates of both are printed side by
 side at the end."""
 import hashlib
@@ -22,6 +23,7 @@ TAP = "kilntap0"
 HOST_IP = "10.0.2.1"
 GUEST_IP = "10.0.2.15"
 TRANSFER_MIB = 6  # guest->host with nc: busybox nc writes 1 KiB at a time, slowly
+NO_OFFLOAD_BYTES = 16 << 20  # host->guest with the guest's receive offloads switched off
 BULK_BYTES = 100 * 1000 * 1000  # host->guest with nc and guest->host with wget: 100 MB each
 SCRIPT_TIMEOUT = 600  # boot plus the guest's whole script (200 MB through a nested guest)
 
@@ -54,6 +56,18 @@ devmem $ctrl 32 0
 sleep 1
 echo msix-mask entry=$entry before=$before during=$during after=$(count) pending=$pending
 ping -c 2 -W 5 {host} > /dev/null 2>&1 && echo ping-after-unmask=ok
+"""
+
+# The guest turns its receive offloads off (VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET on the control
+# queue), takes a transfer from the host that the tap must now segment for it, and turns them on.
+OFFLOADS_SCRIPT = r"""
+echo gro-hw-before=$(ethtool -k eth0 | grep -c 'rx-gro-hw: on$')
+ethtool -K eth0 rx-gro-hw off && echo gro-hw-off=ok
+echo gro-hw-after=$(ethtool -k eth0 | grep -c 'rx-gro-hw: off$')
+nc {host} 5006 < /dev/null > /tmp/in.bin
+echo no-offload-md5=$(md5sum < /tmp/in.bin | cut -d' ' -f1) no-offload-size=$(wc -c < /tmp/in.bin)
+rm /tmp/in.bin
+ethtool -K eth0 rx-gro-hw on && echo gro-hw-on=ok
 """
 
 
@@ -219,8 +233,12 @@ class Net(unittest.TestCase):
         to_guest = Server(5001, payload)
         from_guest = Server(5002)
         posted = PostServer(5004)
-        # The mask check's script is fetched from the host: the command line has no room for it.
+        no_offload_payload = os.urandom(NO_OFFLOAD_BYTES)
+        no_offload = Server(5006, no_offload_payload)
+        # The mask check's and the offload check's scripts are fetched from the host: the
+        # command line has no room for them.
         Server(5005, MSIX_MASK_SCRIPT.format(host=HOST_IP).encode())
+        Server(5007, OFFLOADS_SCRIPT.format(host=HOST_IP).encode())
         script = f"""
 ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 || echo net-setup=failed
 echo mac=$(cat /sys/class/net/eth0/address)
@@ -234,6 +252,7 @@ base64 /tmp/in.bin | tr -d '\\n' | head -c {BULK_BYTES} > /tmp/post.txt
 rm /tmp/in.bin
 echo post-md5=$(md5sum < /tmp/post.txt | cut -d' ' -f1)
 wget -q -O /dev/null --post-file /tmp/post.txt http://{HOST_IP}:5004/ && echo post-done
+nc {HOST_IP} 5007 < /dev/null > /tmp/offloads.sh && sh /tmp/offloads.sh
 nc {HOST_IP} 5005 < /dev/null > /tmp/msix.sh && sh /tmp/msix.sh
 dev=$(basename $(readlink /sys/class/net/eth0/device))
 echo $dev > /sys/bus/virtio/drivers/virtio_net/unbind && echo $dev > /sys/bus/virtio/drivers/virtio_net/bind
@@ -284,6 +303,16 @@ echo host-said=$(cat /tmp/bye)
             self.assertIsNone(posted.error)
             self.assertEqual(posted.size, BULK_BYTES)
             self.assertIn(f"post-md5={posted.md5}", console)
+            # rx-gro-hw is the guest's name for the TSO receive offloads it can switch with
+            # VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET; with them off the tap segments for it.
+            self.assertIn("gro-hw-before=1", console)
+            self.assertIn("gro-hw-off=ok", console)
+            self.assertIn("gro-hw-after=1", console)
+            self.assertIn("gro-hw-on=ok", console)
+            no_offload.join(30)
+            self.assertIsNone(no_offload.error)
+            self.assertIn(f"no-offload-md5={hashlib.md5(no_offload_payload).hexdigest()} "
+                          f"no-offload-size={NO_OFFLOAD_BYTES}", console)
             self.check_masked_receive_vector(console)
             bulk_mib = BULK_BYTES / (1 << 20)
             Net.rates[vhost] = (bulk_mib / to_guest.seconds, TRANSFER_MIB / from_guest.seconds,
@@ -320,6 +349,10 @@ echo host-said=$(cat /tmp/bye)
                              r"(\d+) with direct interrupts\)", run.stderr)
         self.assertIsNotNone(counters, run.stderr[-2000:])
         starts, kicks, calls = map(int, counters.groups())
+        # Both ethtool -K commands, whichever data path ran the rings.
+        control = re.search(r"(\d+) control commands, (\d+) refused", run.stderr)
+        self.assertIsNotNone(control, run.stderr[-2000:])
+        self.assertEqual(tuple(map(int, control.groups())), (2, 0))
         if vhost == "on":
             # Started at boot and again after the rebind; the kernel took the guest's kicks from
             # KVM's ioeventfds and raised the irqfds itself on every ring.
