@@ -322,11 +322,11 @@ class Pipeline {
 // The unit the pipeline reads, scans and writes. 1 MiB chunks were measured faster than
 // qemu-img's 2 MiB requests on a 2-CPU host, each tool writing a new file of a 1 GiB half-data
 // image, 8 interleaved runs: medians raw->qcow2 0.13 s (2 MiB: 0.16 s) and qcow2->raw 0.12 s
-// (2 MiB: 0.135 s); -c and -t none were no slower. The reader's copy of a smaller chunk is
-// still in the CPU's cache when the writer copies it into the target. A chunk's edges matter
-// only for -S larger than the target's cluster (its leading and trailing zeros stay sparse, see
-// zero_pieces): then the chunk is qemu-img's request size, so short zero runs land as in its
-// output.
+// (2 MiB: 0.135 s); -c and -t none were no slower. Presumably the reader's copy of a smaller
+// chunk is still in the CPU's cache when the writer copies it into the target (not checked with
+// cache counters). A chunk's edges matter only for -S larger than the target's cluster (its
+// leading and trailing zeros stay sparse, see zero_pieces): then the chunk is qemu-img's request
+// size, so short zero runs land as in its output.
 uint64_t chunk_size(uint64_t granularity, uint64_t sparse_size) {
   const uint64_t preferred = sparse_size > granularity ? 2ull << 20 : 1ull << 20;
   return std::max(granularity, preferred);
