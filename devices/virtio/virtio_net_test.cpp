@@ -9,6 +9,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -108,6 +109,26 @@ class VirtioNetTest : public ::testing::Test {
     std::vector<uint8_t> out(8);
     for (int i = 0; i < 8; ++i) out[size_t(i)] = uint8_t(value >> (8 * i));
     return out;
+  }
+
+  // A second device and transport on a new socketpair: where a snapshot or a migration restores.
+  struct Destination {
+    UniqueFd peer;
+    std::unique_ptr<std::atomic<uint32_t>> offloads;  // what the backend was told last
+    std::shared_ptr<VirtioNet> net;
+    std::shared_ptr<VirtioPciDevice> transport;
+  };
+  Destination destination() {
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair) != 0)
+      throw std::system_error(errno, std::generic_category(), "socketpair");
+    Destination d;
+    d.peer.reset(pair[1]);
+    d.offloads = std::make_unique<std::atomic<uint32_t>>(0xFFFF);
+    d.net = std::make_shared<VirtioNet>(std::make_unique<SocketBackend>(pair[0], *d.offloads),
+                                        net_->mac(), m_.loop);
+    d.transport = std::make_shared<VirtioPciDevice>(d.net, m_.memory, m_.msi, m_.loop);
+    return d;
   }
 
   std::vector<uint8_t> guest_read(uint64_t gpa, size_t len) {
@@ -352,23 +373,17 @@ TEST_F(VirtioNetTest, SavedStateCarriesTheOffloadsTheDriverSet) {
   EXPECT_EQ(net_state.guest_offloads, kNetFeatureGuestCsum);
   const VirtioPciState state = transport_->save();
 
-  int pair[2];
-  ASSERT_EQ(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair), 0);
-  UniqueFd peer(pair[1]);
-  std::atomic<uint32_t> offloads{0xFFFF};
-  auto net = std::make_shared<VirtioNet>(std::make_unique<SocketBackend>(pair[0], offloads),
-                                         net_->mac(), m_.loop);
-  auto transport = std::make_shared<VirtioPciDevice>(net, m_.memory, m_.msi, m_.loop);
+  Destination to = destination();
   driver_->set_status(0);
-  transport->restore(state);
-  EXPECT_EQ(offloads, kTunOffloadCsum | kTunOffloadTso4 | kTunOffloadTso6);  // negotiated
-  net->restore(net_state);
-  EXPECT_EQ(offloads, kTunOffloadCsum);
-  EXPECT_EQ(net->save().guest_offloads, kNetFeatureGuestCsum);
+  to.transport->restore(state);
+  EXPECT_EQ(*to.offloads, kTunOffloadCsum | kTunOffloadTso4 | kTunOffloadTso6);  // negotiated
+  to.net->restore(net_state);
+  EXPECT_EQ(*to.offloads, kTunOffloadCsum);
+  EXPECT_EQ(to.net->save().guest_offloads, kNetFeatureGuestCsum);
   // Another version, or offloads the driver never negotiated, are refused.
-  EXPECT_THROW(net->restore({NetState::kVersion + 1, 0}), std::invalid_argument);
-  EXPECT_THROW(net->restore({NetState::kVersion, kNetFeatureGuestEcn}), std::invalid_argument);
-  EXPECT_EQ(offloads, kTunOffloadCsum);
+  EXPECT_THROW(to.net->restore({NetState::kVersion + 1, 0}), std::invalid_argument);
+  EXPECT_THROW(to.net->restore({NetState::kVersion, kNetFeatureGuestEcn}), std::invalid_argument);
+  EXPECT_EQ(*to.offloads, kTunOffloadCsum);
 }
 
 TEST_F(VirtioNetTest, BadControlCommandsAreRefusedAndChangeNothing) {
@@ -423,24 +438,18 @@ TEST_F(VirtioNetTest, SaveRestoreResumesOnTheSameRingsWithANewBackend) {
   EXPECT_EQ(state.queues[kNetReceiveQueue].next_used, 1);
 
   // The destination opens its own tap (here: another socketpair) and takes over the rings.
-  int pair[2];
-  ASSERT_EQ(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair), 0);
-  UniqueFd peer(pair[1]);
-  std::atomic<uint32_t> offloads{0xFFFF};
-  auto net = std::make_shared<VirtioNet>(std::make_unique<SocketBackend>(pair[0], offloads),
-                                         net_->mac(), m_.loop);
-  auto transport = std::make_shared<VirtioPciDevice>(net, m_.memory, m_.msi, m_.loop);
+  Destination to = destination();
   driver_->set_status(0);  // quiesce the original
-  transport->restore(state);
-  EXPECT_TRUE(transport->device_status() & kStatusDriverOk);
-  EXPECT_EQ(offloads, kTunOffloadCsum);
+  to.transport->restore(state);
+  EXPECT_TRUE(to.transport->device_status() & kStatusDriverOk);
+  EXPECT_EQ(*to.offloads, kTunOffloadCsum);
   std::vector<uint8_t> packet(kNetHeaderSize, 0);
   for (char c : std::string("after")) packet.push_back(uint8_t(c));
-  ASSERT_EQ(::send(peer.get(), packet.data(), packet.size(), 0), ssize_t(packet.size()));
+  ASSERT_EQ(::send(to.peer.get(), packet.data(), packet.size(), 0), ssize_t(packet.size()));
   ASSERT_TRUE(VirtioPciTestDriver::wait_used(rx_, 2));
   EXPECT_EQ(rx_.used_element(1), std::make_pair(1u, uint32_t(kNetHeaderSize + 5)));
   EXPECT_EQ(guest_read(kBuffers + 0x1000 + kNetHeaderSize, 5), bytes("after"));
-  EXPECT_EQ(net->metrics().rx_packets, 1u);
+  EXPECT_EQ(to.net->metrics().rx_packets, 1u);
 }
 
 constexpr uint64_t kMergeFeatures =
