@@ -382,21 +382,23 @@ uint8_t VirtioNet::set_guest_offloads(const ChainBuffers& command) {
     return kNetCtrlErr;
   }
   command.read(2, std::span(reinterpret_cast<uint8_t*>(&offloads), sizeof(offloads)));
-  offloads = le64toh(offloads);
-  const uint64_t allowed = control_->acked_features & kGuestOffloadFeatures;
-  if (offloads & ~allowed) {
-    log_.warn(fmt::format("virtio-net: GUEST_OFFLOADS_SET {:#x} asks for offloads not negotiated",
-                          offloads));
+  if (auto error = switch_guest_offloads_locked(le64toh(offloads))) {
+    log_.warn("virtio-net: GUEST_OFFLOADS_SET: " + *error);
     return kNetCtrlErr;
   }
+  return kNetCtrlOk;
+}
+
+// With control_mutex_ held and the device active: the tap takes `offloads` (feature bits), if
+// the driver negotiated them all. Returns why not otherwise, and changes nothing then.
+std::optional<std::string> VirtioNet::switch_guest_offloads_locked(uint64_t offloads) {
+  if (offloads & ~(control_->acked_features & kGuestOffloadFeatures))
+    return fmt::format("offloads {:#x} were not negotiated", offloads);
   const uint32_t flags = tap_offloads(offloads);
-  if (!backend_->set_offloads(flags)) {
-    log_.warn(fmt::format("virtio-net: the tap refused offloads {:#x}", flags));
-    return kNetCtrlErr;
-  }
+  if (!backend_->set_offloads(flags)) return fmt::format("the tap refused offloads {:#x}", flags);
   offloads_ = flags;
   guest_offloads_ = offloads;
-  return kNetCtrlOk;
+  return std::nullopt;
 }
 
 NetState VirtioNet::save() {
@@ -410,14 +412,8 @@ void VirtioNet::restore(const NetState& state) {
                                             state.version, NetState::kVersion));
   std::lock_guard lock(control_mutex_);
   if (!control_) return;  // the driver had not set DRIVER_OK: nothing is on
-  if (state.guest_offloads & ~(control_->acked_features & kGuestOffloadFeatures))
-    throw std::invalid_argument(
-        fmt::format("virtio-net: saved offloads {:#x} were not negotiated", state.guest_offloads));
-  const uint32_t flags = tap_offloads(state.guest_offloads);
-  if (!backend_->set_offloads(flags))
-    throw std::runtime_error(fmt::format("virtio-net: the tap refused offloads {:#x}", flags));
-  offloads_ = flags;
-  guest_offloads_ = state.guest_offloads;
+  if (auto error = switch_guest_offloads_locked(state.guest_offloads))
+    throw std::invalid_argument("virtio-net: cannot restore: " + *error);
 }
 
 void VirtioNet::transmit_locked() {

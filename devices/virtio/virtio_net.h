@@ -148,8 +148,8 @@ class VirtioNet : public VirtioDevice {
 
   NetState save();
   // After the transport's restore(), which activates the device: gives the tap the offloads
-  // the driver had. Throws std::invalid_argument for a state of another version or offloads
-  // the driver did not negotiate, std::runtime_error if the tap refuses them.
+  // the driver had. Throws std::invalid_argument for a state of another version, offloads the
+  // driver did not negotiate, or offloads the tap refuses.
   void restore(const NetState& state);
 
  private:
@@ -157,6 +157,7 @@ class VirtioNet : public VirtioDevice {
   void process_control();
   uint32_t run_control_command(const DescriptorChain& chain);
   uint8_t set_guest_offloads(const ChainBuffers& command);
+  std::optional<std::string> switch_guest_offloads_locked(uint64_t offloads);
   void transmit_locked();
   void receive_locked();
   // kEmpty: no buffer, and the guest's kick is armed for its next ones. kBusy: the ring kept

@@ -26,7 +26,10 @@ class SocketBackend : public NetBackend {
  public:
   explicit SocketBackend(int fd, std::atomic<uint32_t>& offloads) : fd_(fd), offloads_(offloads) {}
   int fd() const override { return fd_.get(); }
+  // Refuses (as a tap whose host lacks an offload) while `offloads` holds kRefuseOffloads.
+  static constexpr uint32_t kRefuseOffloads = 0xDEAD;
   bool set_offloads(uint32_t flags) override {
+    if (offloads_ == kRefuseOffloads) return false;
     offloads_ = flags;
     return true;
   }
@@ -405,8 +408,15 @@ TEST_F(VirtioNetTest, BadControlCommandsAreRefusedAndChangeNothing) {
   // No room for the ack: the chain comes back with nothing written.
   EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet, le64(0), 0), -1);
   EXPECT_EQ(offloads_, negotiated);
+  // A tap that refuses: the driver is told, nothing is recorded as on.
+  offloads_ = SocketBackend::kRefuseOffloads;
+  EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet, le64(0)), kNetCtrlErr);
+  EXPECT_EQ(net_->backend_offloads(), negotiated);
+  EXPECT_EQ(net_->save().guest_offloads,
+            kNetFeatureGuestCsum | kNetFeatureGuestTso4 | kNetFeatureGuestTso6);
+  offloads_ = negotiated;
   EXPECT_EQ(net_->metrics().control_commands, 0u);
-  EXPECT_EQ(net_->metrics().control_errors, 8u);
+  EXPECT_EQ(net_->metrics().control_errors, 9u);
   EXPECT_FALSE(driver_->status() & kStatusNeedsReset);
   // The queue still works.
   EXPECT_EQ(control(kNetCtrlGuestOffloads, kNetCtrlGuestOffloadsSet, le64(0)), kNetCtrlOk);
