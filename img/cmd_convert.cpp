@@ -11,6 +11,8 @@
 #include <getopt.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -20,6 +22,7 @@
 
 #include "base/aligned_buffer.h"
 #include "base/math.h"
+#include "base/spin.h"
 #include "img/common.h"
 
 namespace kiln::img {
@@ -223,6 +226,9 @@ class Pipeline {
         threads_(reader_threads(o.coroutines, o.compress)),
         window_(threads_ + 3),
         direct_(o.out_of_order && !dst.qcow2),
+        spin_(threads_ < std::max(1u, std::thread::hardware_concurrency()) &&
+              page_cache_mode(o.cache) == block::CacheMode::kWriteback &&
+              page_cache_mode(o.src_cache) == block::CacheMode::kWriteback),
         sparse_size_(o.sparse_size) {
     for (unsigned i = 0; i < threads_; ++i) readers_.emplace_back([this] { read_loop(); });
   }
@@ -230,6 +236,7 @@ class Pipeline {
     {
       std::lock_guard lock(mu_);
       stop_ = true;
+      progress_.fetch_add(1, std::memory_order_relaxed);
     }
     space_.notify_all();
     for (auto& t : readers_) t.join();
@@ -251,7 +258,7 @@ class Pipeline {
   // Writes chunk `index` once a reader has it; rethrows a reader's failure.
   void write_next(uint64_t index) {
     std::unique_lock lock(mu_);
-    ready_cv_.wait(lock, [&] { return failure_ || ready_.count(index); });
+    wait(lock, ready_cv_, [&] { return failure_ || ready_.count(index); });
     if (failure_) std::rethrow_exception(failure_);
     Chunk c = std::move(ready_.at(index));
     ready_.erase(index);
@@ -259,18 +266,42 @@ class Pipeline {
     dst_.apply(c);
     lock.lock();
     written_ = index + 1;
+    progress_.fetch_add(1, std::memory_order_relaxed);
     spare_.push_back(std::move(c.buffer));
     space_.notify_one();  // one more chunk may be read
   }
 
  private:
+  // Sleeping on a condition variable and being woken costs two context switches, and on a
+  // 2-CPU host the faster of reader and writer slept once per chunk: 1300-1500 switches for a
+  // 2 GiB image. So a waiter first watches progress_ with the lock released, for up to
+  // kSpinTime: a bit more than one 1 MiB chunk takes to copy out of or into the page cache.
+  // Measured with raw->qcow2 of a 2 GiB half-data image: 100 us still left 425 switches, 300 us
+  // 21; the run got 5-10% faster. Only when each thread has a CPU to itself (a spinner must not
+  // take the CPU of the thread it waits for) and both files go through the page cache (O_DIRECT
+  // requests take milliseconds, so spinning would only burn a CPU).
+  static constexpr auto kSpinTime = std::chrono::microseconds(300);
+
+  template <typename Ready>
+  void wait(std::unique_lock<std::mutex>& lock, std::condition_variable& cv, Ready ready) {
+    const auto deadline = std::chrono::steady_clock::now() + kSpinTime;
+    while (spin_ && !ready()) {
+      const uint64_t seen = progress_.load(std::memory_order_relaxed);
+      lock.unlock();
+      const bool changed =
+          spin_until([&] { return progress_.load(std::memory_order_relaxed) != seen; }, deadline);
+      lock.lock();
+      if (!changed) break;
+    }
+    cv.wait(lock, ready);
+  }
+
   void read_loop() {
     for (;;) {
       std::unique_lock lock(mu_);
       // Stay at most a window ahead of the writer: bounds memory to window_ chunks.
-      space_.wait(lock, [&] {
-        return stop_ || failure_ || next_ >= chunks_ || next_ < written_ + window_;
-      });
+      wait(lock, space_,
+           [&] { return stop_ || failure_ || next_ >= chunks_ || next_ < written_ + window_; });
       if (stop_ || failure_ || next_ >= chunks_) return;
       const uint64_t index = next_++;
       Chunk c;
@@ -289,12 +320,14 @@ class Pipeline {
       } catch (...) {
         lock.lock();
         if (!failure_) failure_ = std::current_exception();
+        progress_.fetch_add(1, std::memory_order_relaxed);
         space_.notify_all();
         ready_cv_.notify_all();
         return;
       }
       lock.lock();
       ready_.emplace(index, std::move(c));
+      progress_.fetch_add(1, std::memory_order_relaxed);
       if (index == written_) ready_cv_.notify_one();  // the writer waits for no other
     }
   }
@@ -310,9 +343,11 @@ class Pipeline {
   // 0.258 s before); more than that gained nothing.
   const uint64_t window_;
   const bool direct_;
+  const bool spin_;  // a waiter spins before it sleeps (see kSpinTime)
   const uint64_t sparse_size_;
   std::mutex mu_;
   std::condition_variable space_, ready_cv_;
+  std::atomic<uint64_t> progress_{0};  // bumped under mu_ whenever a chunk is ready or written
   uint64_t next_ = 0, written_ = 0;
   bool stop_ = false;
   std::exception_ptr failure_;

@@ -10,6 +10,8 @@
 #include <thread>
 #include <vector>
 
+#include "base/spin.h"
+
 namespace kiln::block::qcow2 {
 namespace {
 
@@ -109,11 +111,8 @@ class Qcow2Device final : public BlockDevice {
   // does, so an idle device costs at most kPollTime of one CPU after its last request.
   void poll_for_work() {
     if (polling_.exchange(true, std::memory_order_acq_rel)) return;
-    const auto until = std::chrono::steady_clock::now() + kPollTime;
-    while (queued_.load(std::memory_order_acquire) == 0 &&
-           std::chrono::steady_clock::now() < until) {
-      __builtin_ia32_pause();
-    }
+    spin_until([this] { return queued_.load(std::memory_order_acquire) != 0; },
+               std::chrono::steady_clock::now() + kPollTime);
     polling_.store(false, std::memory_order_release);
   }
 
