@@ -854,6 +854,14 @@ bool Image::zero_host_cluster(uint64_t host) {
 }
 
 std::vector<uint8_t> Image::compress(std::span<const uint8_t> cluster) const {
+  // The image's last cluster may be short: it is compressed as a whole cluster, padded with
+  // zeros, as qemu-img does (a compressed cluster always decompresses to a full cluster).
+  thread_local std::vector<uint8_t> padded;
+  if (cluster.size() < cluster_size_) {
+    padded.assign(cluster.begin(), cluster.end());
+    padded.resize(cluster_size_, 0);
+    cluster = padded;
+  }
   // Compressing into a scratch buffer of this thread and returning only the bytes produced
   // keeps a cluster-sized allocation (and its page faults) out of every call.
   thread_local std::vector<uint8_t> out;
@@ -875,8 +883,9 @@ std::vector<uint8_t> Image::compress(std::span<const uint8_t> cluster) const {
     const size_t rc = ZSTD_compress(out.data(), out.size(), cluster.data(), cluster.size(), 3);
     out_len = ZSTD_isError(rc) ? 0 : rc;
   }
-  // Not worth a compressed descriptor unless it saves at least a sector.
-  if (out_len == 0 || out_len >= cluster_size_ - 512) return {};
+  // Compressed whenever it is any smaller, as qemu-img decides (seen: a 64 KiB cluster that
+  // shrank by 9 bytes): compressed blobs are packed byte by byte, so even that is saved.
+  if (out_len == 0 || out_len >= cluster_size_) return {};
   return {out.begin(), out.begin() + ptrdiff_t(out_len)};
 }
 
@@ -888,7 +897,9 @@ void Image::write_compressed(uint64_t offset, std::span<const uint8_t> cluster,
                              std::span<const uint8_t> out) {
   std::unique_lock lock(mu_);
   if (read_only_) throw std::system_error(EROFS, std::generic_category(), "image is read-only");
-  if (offset % cluster_size_ != 0 || cluster.size() != cluster_size_ || offset >= header_.size) {
+  const bool whole = cluster.size() == cluster_size_ || offset + cluster.size() == header_.size;
+  if (offset % cluster_size_ != 0 || cluster.size() > cluster_size_ || !whole ||
+      offset >= header_.size) {
     throw std::system_error(EINVAL, std::generic_category(), "compressed write must be a cluster");
   }
   const size_t out_len = out.size();
@@ -899,26 +910,44 @@ void Image::write_compressed(uint64_t offset, std::span<const uint8_t> cluster,
     write(offset, cluster);
     return;
   }
-  // Pack compressed data byte-wise: continue in the current partly used cluster if it fits.
-  uint64_t start = compressed_cursor_;
-  const uint64_t cs = cluster_size_;
-  if (start == 0 || start % cs + out_len > cs || get_refcount(start / cs) >= max_refcount()) {
-    const uint64_t clusters = div_round_up(out_len, cs);
-    start = alloc_clusters(clusters);
-    compressed_cursor_ = start + out_len;
-  } else {
-    set_refcount(start / cs, get_refcount(start / cs) + 1);
-    compressed_cursor_ = start + out_len;
-  }
-  if (compressed_cursor_ % cs == 0) compressed_cursor_ = 0;
-  // Sector-align the next blob's start as QEMU does, so descriptors stay simple.
-  if (compressed_cursor_) compressed_cursor_ = (compressed_cursor_ + 511) & ~511ull;
-  if (compressed_cursor_ % cs == 0) compressed_cursor_ = 0;
+  get_l2(guest_cluster / l2_entries(), true);  // table first, as for every other write
+  const uint64_t start = place_compressed(out_len);
   pwrite_all(fd_.get(), out, start);
   const uint32_t x = 62 - (header_.cluster_bits - 8);
   const uint64_t extra = ((start + out_len - 1) >> 9) - (start >> 9);
   set_l2_entry(guest_cluster, {kFlagCompressed | (extra << x) | start, 0});
   data_dirty_ = true;
+}
+
+void Image::align_file_end_to_sector() {
+  std::lock_guard lock(mu_);
+  const uint64_t size = file_size();
+  if (size % 512 != 0 && ::ftruncate(fd_.get(), off_t(round_up(size, 512))) != 0) {
+    throw_errno("ftruncate");
+  }
+}
+
+// Compressed clusters are packed byte by byte, as qemu-img packs them: a blob starts right
+// after the previous one and may run on into the next host cluster when that one is free.
+// Each host cluster a blob touches holds one reference for it. Otherwise (nothing to continue,
+// the next cluster taken, or the refcount at its maximum) the blob starts new clusters.
+uint64_t Image::place_compressed(uint64_t length) {
+  const uint64_t cs = cluster_size_;
+  const uint64_t cursor = compressed_cursor_;
+  const uint64_t current = cursor / cs;
+  const bool can_continue = cursor != 0 && get_refcount(current) < max_refcount();
+  const uint64_t spill =
+      cursor % cs + length > cs ? div_round_up(cursor % cs + length - cs, cs) : 0;
+  uint64_t start;
+  if (can_continue && (spill == 0 || find_free_run(spill) == current + 1)) {
+    if (spill != 0) alloc_clusters(spill);
+    set_refcount(current, get_refcount(current) + 1);
+    start = cursor;
+  } else {
+    start = alloc_clusters(div_round_up(length, cs));
+  }
+  compressed_cursor_ = (start + length) % cs == 0 ? 0 : start + length;
+  return start;
 }
 
 void Image::zero_cluster(uint64_t guest_cluster, bool unmap) {

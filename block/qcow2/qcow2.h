@@ -178,7 +178,7 @@ class Image : public SyncImage {
 
   void write(uint64_t offset, std::span<const uint8_t> buf);
   // Whole, unallocated guest cluster written compressed (qemu-img convert -c); falls back to a
-  // normal write when the data does not shrink.
+  // normal write when the data does not shrink. The image's last cluster may be short.
   void write_compressed(uint64_t offset, std::span<const uint8_t> cluster);
   // The same with the cluster already compressed by compress(), so that callers can compress
   // on many threads; an empty `compressed` writes the cluster uncompressed.
@@ -187,6 +187,9 @@ class Image : public SyncImage {
   // The cluster in this image's compression type; empty when compression would not save space.
   // Thread-safe: needs no image state that changes.
   std::vector<uint8_t> compress(std::span<const uint8_t> cluster) const;
+  // Extends the file to a whole number of 512-byte sectors, as qemu-img convert -c leaves it
+  // after its last compressed cluster (their descriptors count whole sectors).
+  void align_file_end_to_sector();
   void write_zeroes(uint64_t offset, uint64_t length, bool may_unmap);
   void discard(uint64_t offset, uint64_t length);
   void flush();
@@ -293,6 +296,7 @@ class Image : public SyncImage {
   bool excluded(uint64_t cluster) const;
   uint64_t find_free_run(uint64_t count);
   uint64_t alloc_clusters(uint64_t count);
+  uint64_t place_compressed(uint64_t length);  // host offset for a compressed blob
   void flush_refcounts();
   void flush_locked();
   void resize_locked(uint64_t new_size);

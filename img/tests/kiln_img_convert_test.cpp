@@ -133,6 +133,27 @@ TEST_F(ConvertTest, ParallelReadOfChainWithCompressedClusters) {
   }
 }
 
+// convert -c writes qemu-img's file byte for byte: blobs packed byte by byte (running on into
+// the next cluster), a cluster compressed whenever it shrinks at all, the short last cluster
+// compressed too, every zero cluster left out unless -S 0, the file end on a sector boundary.
+TEST_F(ConvertTest, CompressedTargetIsQemusByteForByte) {
+  // Clusters that compress to ~20 KB (three blobs span two clusters) and clusters that shrink
+  // by 9 bytes to 4 KB, then the fixture's mix of patterns, zeros, random data and short tail.
+  sh("for i in $(seq 8); do head -c 20000 /dev/urandom; head -c 45536 /dev/zero; done >mix.raw");
+  sh("for n in 100 511 513 4000; do head -c $((65536 - n)) /dev/urandom; head -c $n /dev/zero; "
+     "done >>mix.raw && cat src.raw >>mix.raw");
+  for (const char* options :
+       {"-o cluster_size=64k", "-o compression_type=zstd", "-o cluster_size=4k,refcount_bits=1",
+        "-o cluster_size=512,refcount_bits=8", "-S 0 -o cluster_size=512", "-o compat=0.10"}) {
+    SCOPED_TRACE(options);
+    sh("rm -f k.qcow2 q.qcow2");
+    ASSERT_EQ(kiln(fmt::format("convert -c {} -O qcow2 mix.raw k.qcow2", options)).status, 0);
+    ASSERT_EQ(qemu(fmt::format("convert -c {} -O qcow2 mix.raw q.qcow2", options)).status, 0);
+    sh("cmp k.qcow2 q.qcow2");
+    expect_check_clean("k.qcow2");
+  }
+}
+
 // -S: zero runs (written zeros, not holes) shorter than the size are written as data, longer
 // ones are left sparse; 0 writes every byte, so the target is fully allocated. Both tools'
 // targets map alike. Bad sizes fail with qemu-img's message.
