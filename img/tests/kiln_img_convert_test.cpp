@@ -133,10 +133,11 @@ TEST_F(ConvertTest, ParallelReadOfChainWithCompressedClusters) {
   }
 }
 
-// convert -c writes qemu-img's file byte for byte: blobs packed byte by byte (running on into
-// the next cluster), a cluster compressed whenever it shrinks at all, the short last cluster
-// compressed too, every zero cluster left out unless -S 0, the file end on a sector boundary.
-TEST_F(ConvertTest, CompressedTargetIsQemusByteForByte) {
+// convert writes qemu-img's file byte for byte. With -c: blobs packed byte by byte (running
+// on into the next cluster), a cluster compressed whenever it shrinks at all, the short last
+// cluster compressed too, every zero cluster left out unless -S 0, the file end on a sector
+// boundary.
+TEST_F(ConvertTest, TargetIsQemusByteForByte) {
   // Clusters that compress to ~20 KB (three blobs span two clusters) and clusters that shrink
   // by 9 bytes to 4 KB, then the fixture's mix of patterns, zeros, random data and short tail.
   sh("for i in $(seq 8); do head -c 20000 /dev/urandom; head -c 45536 /dev/zero; done >mix.raw");
@@ -151,6 +152,17 @@ TEST_F(ConvertTest, CompressedTargetIsQemusByteForByte) {
     ASSERT_EQ(qemu(fmt::format("convert -c {} -O qcow2 mix.raw q.qcow2", options)).status, 0);
     sh("cmp k.qcow2 q.qcow2");
     expect_check_clean("k.qcow2");
+  }
+  // And without -c: the same layout of plain clusters, and the same raw file.
+  for (const char* args : {"-O qcow2 mix.raw k.out", "-O qcow2 -o cluster_size=4k mix.raw k.out",
+                           "-O raw q.qcow2 k.out"}) {
+    SCOPED_TRACE(args);
+    sh("rm -f k.out q.out");
+    ASSERT_EQ(kiln(fmt::format("convert {}", args)).status, 0);
+    std::string theirs = args;
+    theirs.replace(theirs.find("k.out"), 5, "q.out");
+    ASSERT_EQ(qemu(fmt::format("convert {}", theirs)).status, 0);
+    sh("cmp k.out q.out");
   }
 }
 
