@@ -2,11 +2,13 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -29,6 +31,16 @@ class FakeMsiVector : public MsiVector {
   }
   void trigger() override { triggers++; }
   int eventfd() const override { return direct_fd; }
+  // Waits until the vector has fired at least `count` times. A device worker publishes the used
+  // ring before it raises the interrupt, so a test that saw the used index move must still wait.
+  bool wait_triggers(int count, std::chrono::milliseconds timeout = std::chrono::seconds(5)) const {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (triggers.load() < count) {
+      if (std::chrono::steady_clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    return true;
+  }
   bool take_pending() override {
     std::lock_guard lock(mutex);
     return masked && std::exchange(held_signals, 0) > 0;
