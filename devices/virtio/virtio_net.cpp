@@ -169,8 +169,8 @@ bool VirtioNet::activate(const VirtioActivation& activation) {
     control_ = activation;
     guest_offloads_ = activation.acked_features & kGuestOffloadFeatures;
   }
+  paused_ = false;
   if (kernel_) {
-    paused_ = false;
     if (start_kernel_locked()) return true;
     active_ = false;
     activation_ = {};
@@ -266,18 +266,37 @@ void VirtioNet::stop_kernel_locked() {
 }
 
 void VirtioNet::pause() {
-  std::lock_guard lock(mutex_);
-  if (!kernel_ || !active_ || paused_) return;
-  stop_kernel_locked();
-  paused_ = true;
+  bool was_watching = false;
+  {
+    std::lock_guard lock(mutex_);
+    if (!active_ || paused_) return;
+    paused_ = true;
+    if (kernel_) {
+      stop_kernel_locked();
+      return;
+    }
+    // Userspace path: a receive pass pops a buffer before it reads the tap and gives it back
+    // when nothing came, so the rings are only still while no pass can start.
+    was_watching = std::exchange(watching_, false);
+  }
+  // Outside our lock: remove() waits for a running callback, which may be waiting for it.
+  if (was_watching) loop_.remove(backend_->fd());
 }
 
 void VirtioNet::resume() {
   std::lock_guard lock(mutex_);
-  if (!kernel_ || !active_ || !paused_) return;
+  if (!active_ || !paused_) return;
   paused_ = false;
-  if (!start_kernel_locked())
-    activation_.interrupt->needs_reset("virtio-net: the kernel data path did not restart");
+  if (kernel_) {
+    if (!start_kernel_locked())
+      activation_.interrupt->needs_reset("virtio-net: the kernel data path did not restart");
+    return;
+  }
+  // Kicks that came while paused were dropped. Send what the driver queued meanwhile; receive
+  // passes stay on the loop thread (one may unwatch the tap, which off the loop would wait for
+  // a callback blocked on our lock), where watching the tap again starts one if frames wait.
+  transmit_locked();
+  watch_backend_locked();
 }
 
 void VirtioNet::watch_backend_locked() {
@@ -286,7 +305,7 @@ void VirtioNet::watch_backend_locked() {
   loop_.add(backend_->fd(), [this](uint32_t) {
     std::lock_guard lock(mutex_);
     metrics_.rx_wakeups++;
-    if (active_) receive_locked();
+    if (active_ && !paused_) receive_locked();
   });
 }
 
@@ -310,7 +329,7 @@ void VirtioNet::process_queue(uint16_t queue) {
     return;
   }
   std::lock_guard lock(mutex_);
-  if (!active_) return;
+  if (!active_ || paused_) return;  // resume() looks at the rings
   if (queue == kNetTransmitQueue) {
     metrics_.tx_kicks++;
     transmit_locked();

@@ -140,9 +140,9 @@ class VirtioNet : public VirtioDevice {
   uint32_t backend_offloads() const { return offloads_.load(); }
   bool uses_kernel_datapath() const { return kernel_ != nullptr; }
 
-  // Stops the kernel data path and writes where it got to back into the queues, so that the
-  // transport's save() describes the rings exactly; resume() hands them back. For a paused VM
-  // (vCPUs stopped). No-ops on the userspace data path, where the queues are always current.
+  // Stops all ring processing so that the transport's save() describes the rings exactly:
+  // the kernel data path writes where it got to back into the queues, the userspace one stops
+  // watching the tap. resume() starts again. For a paused VM (vCPUs stopped).
   void pause();
   void resume();
 
