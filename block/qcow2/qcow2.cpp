@@ -68,6 +68,7 @@ std::unique_ptr<RawImage> RawImage::open(const std::string& path, bool read_only
   auto img = std::unique_ptr<RawImage>(new RawImage());
   img->fd_ = open_file(path, read_only, cache);
   img->path_ = path;
+  img->read_only_ = read_only;
   lock_image(img->fd_.get(), path, read_only, force_share);
   img->size_ = fd_size(img->fd_.get());
   return img;
@@ -117,21 +118,34 @@ void RawImage::flush() {
 
 uint64_t RawImage::actual_size() const { return allocated_bytes(fd_.get()); }
 
+Extent RawImage::find_run(uint64_t offset) const {
+  const off_t data = ::lseek(fd_.get(), off_t(offset), SEEK_DATA);
+  if (data < 0) return {offset, size_ - offset, ExtentKind::kZero, 0};  // ENXIO: hole up to EOF
+  if (uint64_t(data) > offset) {
+    return {offset, std::min<uint64_t>(size_, uint64_t(data)) - offset, ExtentKind::kZero, 0};
+  }
+  const off_t hole = ::lseek(fd_.get(), off_t(offset), SEEK_HOLE);
+  const uint64_t end = hole > off_t(offset) ? std::min<uint64_t>(size_, uint64_t(hole)) : size_;
+  return {offset, end - offset, ExtentKind::kData, offset};
+}
+
 Extent RawImage::block_status(uint64_t offset, uint64_t length) {
-  Extent e{offset, length, ExtentKind::kData, offset};
   if (offset >= size_) return {offset, length, ExtentKind::kZero, 0};
   length = std::min(length, size_ - offset);
-  off_t data = ::lseek(fd_.get(), off_t(offset), SEEK_DATA);
-  if (data < 0) return {offset, length, ExtentKind::kZero, 0};  // ENXIO: hole up to EOF
-  if (uint64_t(data) > offset) {
-    return {offset, std::min<uint64_t>(length, uint64_t(data) - offset), ExtentKind::kZero, 0};
+  Extent run;
+  {
+    std::unique_lock lock(run_mutex_, std::defer_lock);
+    if (read_only_) lock.lock();
+    if (read_only_ && offset >= last_run_.start && offset - last_run_.start < last_run_.length) {
+      run = last_run_;
+    } else {
+      run = find_run(offset);
+      if (read_only_) last_run_ = run;
+    }
   }
-  off_t hole = ::lseek(fd_.get(), off_t(offset), SEEK_HOLE);
-  if (hole > off_t(offset))
-    e.length = std::min<uint64_t>(length, uint64_t(hole) - offset);
-  else
-    e.length = length;
-  return e;
+  const uint64_t skip = offset - run.start;
+  const uint64_t host = run.kind == ExtentKind::kData ? offset : 0;
+  return {offset, std::min(length, run.length - skip), run.kind, host};
 }
 
 // ---------------------------------------------------------------------------------------------

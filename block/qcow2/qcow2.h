@@ -124,9 +124,17 @@ class RawImage : public SyncImage {
   int fd() const { return fd_.get(); }
 
  private:
+  // The run of data or hole around [offset, ...) as SEEK_DATA/SEEK_HOLE report it, whole.
+  Extent find_run(uint64_t offset) const;
+
   UniqueFd fd_;
   std::string path_;
   uint64_t size_ = 0;
+  bool read_only_ = false;
+  // The last run found, for read-only images (nothing here changes them): convert asks chunk by
+  // chunk, and one or two lseeks then answer for every chunk of a long run. Readers share it.
+  std::mutex run_mutex_;
+  Extent last_run_{0, 0, ExtentKind::kZero, 0};
 };
 
 struct CheckResult {
