@@ -68,7 +68,8 @@ std::unique_ptr<RawImage> RawImage::open(const std::string& path, bool read_only
   auto img = std::unique_ptr<RawImage>(new RawImage());
   img->fd_ = open_file(path, read_only, cache);
   img->path_ = path;
-  img->read_only_ = read_only;
+  // Shared read-only opens let another process write meanwhile: ask the file every time.
+  img->runs_are_stable_ = read_only && !force_share;
   lock_image(img->fd_.get(), path, read_only, force_share);
   img->size_ = fd_size(img->fd_.get());
   return img;
@@ -135,12 +136,13 @@ Extent RawImage::block_status(uint64_t offset, uint64_t length) {
   Extent run;
   {
     std::unique_lock lock(run_mutex_, std::defer_lock);
-    if (read_only_) lock.lock();
-    if (read_only_ && offset >= last_run_.start && offset - last_run_.start < last_run_.length) {
+    if (runs_are_stable_) lock.lock();
+    if (runs_are_stable_ && offset >= last_run_.start &&
+        offset - last_run_.start < last_run_.length) {
       run = last_run_;
     } else {
       run = find_run(offset);
-      if (read_only_) last_run_ = run;
+      if (runs_are_stable_) last_run_ = run;
     }
   }
   const uint64_t skip = offset - run.start;

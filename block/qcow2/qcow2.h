@@ -130,9 +130,10 @@ class RawImage : public SyncImage {
   UniqueFd fd_;
   std::string path_;
   uint64_t size_ = 0;
-  bool read_only_ = false;
-  // The last run found, for read-only images (nothing here changes them): convert asks chunk by
-  // chunk, and one or two lseeks then answer for every chunk of a long run. Readers share it.
+  // Read-only, and our shared lock keeps writers out: nothing changes the file's runs.
+  bool runs_are_stable_ = false;
+  // The last run found, when the runs are stable: convert asks chunk by chunk, and one or two
+  // lseeks then answer for every chunk of a long run. Readers share it.
   std::mutex run_mutex_;
   Extent last_run_{0, 0, ExtentKind::kZero, 0};
 };

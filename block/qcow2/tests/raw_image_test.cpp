@@ -1,5 +1,5 @@
 // RawImage::block_status: SEEK_DATA/SEEK_HOLE runs, answered from the last run found on
-// read-only images and asked afresh on writable ones.
+// read-only images that keep writers out, and asked afresh on the others.
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -76,6 +76,20 @@ TEST(RawImageBlockStatus, WritableImageSeesItsOwnWritesAtOnce) {
   const Extent e = img->block_status(12 * kMiB, kMiB);
   EXPECT_EQ(e.kind, ExtentKind::kData);
   EXPECT_EQ(e.length, kMiB);
+}
+
+// -U: another process may write while we look, so a hole seen once is not remembered.
+TEST(RawImageBlockStatus, SharedReadOnlyImageSeesAnotherWritersData) {
+  TempDir dir;
+  const std::string path = make_sparse_file(dir);
+  auto img = RawImage::open(path, /*read_only=*/true, /*force_share=*/true);
+  EXPECT_EQ(img->block_status(12 * kMiB, kMiB).kind, ExtentKind::kZero);
+  const int fd = ::open(path.c_str(), O_WRONLY);
+  ASSERT_GE(fd, 0);
+  const std::vector<uint8_t> ones(kMiB, 1);
+  EXPECT_EQ(::pwrite(fd, ones.data(), ones.size(), off_t(12 * kMiB)), ssize_t(kMiB));
+  ::close(fd);
+  EXPECT_EQ(img->block_status(12 * kMiB, kMiB).kind, ExtentKind::kData);
 }
 
 }  // namespace
