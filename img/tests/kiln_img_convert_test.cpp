@@ -53,6 +53,23 @@ TEST_F(ConvertTest, ParallelRequestsKeepContents) {
   }
 }
 
+// Hole chunks take no buffer, so readers run far ahead through a long hole; a run of holes
+// longer than the 1024 chunks they may be ahead of the writer, and data after it, read back.
+TEST_F(ConvertTest, LongHoleRunsBetweenData) {
+  sh("qemu-img create -q -f raw holes.raw 1040M");
+  sh("qemu-io -f raw -c 'write -P 0x61 0 5M' -c 'write -P 0x62 1036M 3M' "
+     "-c 'write -P 0x63 1039M 4k' holes.raw >/dev/null");
+  for (const char* flags : {"-m 1", "-m 16", "-m 16 -W"}) {
+    SCOPED_TRACE(flags);
+    sh("rm -f k.qcow2 k.raw");
+    ASSERT_EQ(kiln(fmt::format("convert {} -O qcow2 holes.raw k.qcow2", flags)).status, 0);
+    expect_same_content("holes.raw", "k.qcow2");
+    ASSERT_EQ(kiln(fmt::format("convert {} -O raw k.qcow2 k.raw", flags)).status, 0);
+    sh("qemu-img compare -q -f raw -F raw holes.raw k.raw");
+  }
+  sh("qemu-img convert -O qcow2 holes.raw q.qcow2 && cmp k.qcow2 q.qcow2");
+}
+
 TEST_F(ConvertTest, ParallelQcow2TargetHasQemuLayout) {
   // One writer in guest order: clusters land where qemu-img puts them, whatever -m says.
   sh("qemu-img convert -O qcow2 src.raw q.qcow2");
