@@ -189,6 +189,7 @@ void Image::load(const OpenOptions& opts, std::vector<std::pair<dev_t, ino_t>>& 
   read_only_ = opts.read_only;
   unsafe_ = opts.unsafe;
   fd_ = open_file(path_, read_only_, opts.cache);
+  page_cache_ = opts.cache == CacheMode::kWriteback;
   auto id = file_id(fd_.get());
   if (std::find(chain.begin(), chain.end(), id) != chain.end()) {
     throw Qcow2Error(fmt::format("backing chain loop: '{}' is its own backing file", path_));
@@ -509,6 +510,44 @@ void Image::read(uint64_t offset, std::span<uint8_t> buf) {
     offset += n;
     buf = buf.subspan(n);
   }
+}
+
+bool Image::try_read_cached(uint64_t offset, std::span<uint8_t> buf) {
+  if (!page_cache_) return false;  // under O_DIRECT, RWF_NOWAIT still waits for the device
+  std::unique_lock lock(mu_);
+  if (offset > header_.size || buf.size() > header_.size - offset) return false;
+  while (!buf.empty()) {
+    const uint64_t guest_cluster = offset / cluster_size_;
+    const uint64_t in_cluster = offset % cluster_size_;
+    const uint64_t l1_index = guest_cluster / l2_entries();
+    if (l1_index >= l1_.size()) return false;
+    const auto table = l2_index_.find(l1_[l1_index] & kOffsetMask);
+    if (table == l2_index_.end()) return false;  // not cached: loading it would block
+    l2_lru_.splice(l2_lru_.begin(), l2_lru_, table->second);
+    const std::vector<L2Entry>& entries = table->second->entries;
+    // Plain data of this table's clusters that lie back to back in the file: one pread.
+    const uint64_t host = entries[guest_cluster % l2_entries()].host() + in_cluster;
+    uint64_t len = 0;
+    for (uint64_t c = guest_cluster; len < buf.size() && c / l2_entries() == l1_index; ++c) {
+      const uint64_t start = c == guest_cluster ? in_cluster : 0;
+      const uint64_t n = std::min<uint64_t>(buf.size() - len, cluster_size_ - start);
+      const L2Entry& entry = entries[c % l2_entries()];
+      if (!plain_data(entry, start, n) || entry.host() + start != host + len) break;
+      if (entry.host() % cluster_size_ != 0 || is_metadata(entry.host())) break;  // read() throws
+      len += n;
+    }
+    if (len == 0) return false;  // zeros, backing file, compressed: read() knows them all
+    ++unlocked_reads_;           // the clusters cannot be freed until we are done (see read())
+    lock.unlock();
+    iovec iov{buf.data(), len};
+    const ssize_t got = ::preadv2(fd_.get(), &iov, 1, off_t(host), RWF_NOWAIT);
+    lock.lock();
+    if (--unlocked_reads_ == 0) unlocked_reads_done_.notify_all();
+    if (got != ssize_t(len)) return false;  // EAGAIN: not in the page cache; or short, or failed
+    offset += len;
+    buf = buf.subspan(len);
+  }
+  return true;
 }
 
 // Extends a plain-data read of `n` bytes at guest `offset` (host `host`) over the following

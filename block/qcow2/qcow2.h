@@ -178,6 +178,12 @@ class Image : public SyncImage {
   uint64_t size() const override { return header_.size; }
   uint64_t actual_size() const override;
   void read(uint64_t offset, std::span<uint8_t> buf) override;
+  // read(), but only if it needs no metadata from the file and its data is in the page cache:
+  // false (buf then holds anything) where it would block, or where read() has more to do
+  // (zeros, backing file, compressed clusters, errors), so that an asynchronous caller can
+  // answer cached reads on its own thread and hand only the rest to a worker. Never under
+  // cache=none.
+  bool try_read_cached(uint64_t offset, std::span<uint8_t> buf);
   Extent block_status(uint64_t offset, uint64_t length) override;
   SyncImage* backing() const override { return backing_.get(); }
   // QEMU's test for an image made with preallocation=metadata: more clusters in use than the
@@ -326,6 +332,7 @@ class Image : public SyncImage {
   std::string path_;
   bool read_only_ = true;
   bool unsafe_ = false;
+  bool page_cache_ = true;  // opened without O_DIRECT
   Header header_;
   uint64_t cluster_size_ = 0;
   std::unique_ptr<SyncImage> backing_;
