@@ -3,6 +3,7 @@
 // everything else goes to read() on a worker, with the same result.
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <future>
@@ -37,16 +38,24 @@ class CachedReadTest : public ::testing::Test {
     return Image::open(img_, o);
   }
 
-  // Writes back and drops the file's pages from the page cache.
-  void evict_page_cache() {
+  // Writes back and drops the file's pages from the page cache, and checks with mincore that
+  // the page at `offset` is gone.
+  void evict_page_cache(uint64_t offset) {
     const int fd = ::open(img_.c_str(), O_RDONLY);
     ASSERT_GE(fd, 0);
     ASSERT_EQ(::fsync(fd), 0);
     ASSERT_EQ(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+    const size_t page = size_t(::sysconf(_SC_PAGESIZE));
+    void* map = ::mmap(nullptr, page, PROT_READ, MAP_SHARED, fd, off_t(offset));
     ::close(fd);
+    ASSERT_NE(map, MAP_FAILED);
+    unsigned char resident = 1;
+    ASSERT_EQ(::mincore(map, page, &resident), 0);
+    ::munmap(map, page);
+    ASSERT_EQ(resident & 1, 0) << "the file system keeps the page in memory: " << img_;
   }
 
-  TempDir dir_;
+  TempDir dir_{"/var/tmp"};  // disk-backed: the page cache can drop its pages
   std::string img_;
 };
 
@@ -75,8 +84,8 @@ TEST_F(CachedReadTest, LeavesEverythingButPlainDataToRead) {
 TEST_F(CachedReadTest, DataNotInThePageCacheIsLeftToRead) {
   auto image = open();
   std::vector<uint8_t> buf(4096);
-  image->read(0, buf);  // the table stays in the image's cache
-  evict_page_cache();
+  image->read(0, buf);                     // the table stays in the image's cache
+  evict_page_cache(0x50000 + (64 << 10));  // where qemu-img put the second data cluster
   EXPECT_FALSE(image->try_read_cached(64 << 10, buf)) << "would wait for the disk";
   image->read(64 << 10, buf);  // brings it back
   std::fill(buf.begin(), buf.end(), 0);

@@ -49,9 +49,11 @@ inline void require_qemu_tools() {
 
 class TempDir {
  public:
-  TempDir() {
-    char tmpl[] = "/tmp/kiln-qcow2-XXXXXX";
-    path_ = ::mkdtemp(tmpl);
+  // `base` must exist. /var/tmp where a test needs a disk-backed file system (/tmp may be
+  // tmpfs, whose pages never leave memory).
+  explicit TempDir(const std::string& base = "/tmp") {
+    std::string tmpl = base + "/kiln-qcow2-XXXXXX";
+    path_ = ::mkdtemp(tmpl.data());
   }
   ~TempDir() { std::filesystem::remove_all(path_); }
   std::string operator/(const std::string& name) const { return path_ + "/" + name; }
