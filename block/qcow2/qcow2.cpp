@@ -430,6 +430,15 @@ L2Entry Image::l2_entry(uint64_t guest_cluster) {
   return t ? t->entries[guest_cluster % l2_entries()] : L2Entry{};
 }
 
+const L2Entry* Image::cached_l2_entry(uint64_t guest_cluster) {
+  const uint64_t l1_index = guest_cluster / l2_entries();
+  if (l1_index >= l1_.size()) return nullptr;
+  const auto it = l2_index_.find(l1_[l1_index] & kOffsetMask);
+  if (it == l2_index_.end()) return nullptr;
+  l2_lru_.splice(l2_lru_.begin(), l2_lru_, it->second);
+  return &it->second->entries[guest_cluster % l2_entries()];
+}
+
 void Image::set_l2_entry(uint64_t guest_cluster, const L2Entry& entry) {
   L2Table* t = get_l2(guest_cluster / l2_entries(), true);
   t->entries[guest_cluster % l2_entries()] = entry;
@@ -452,8 +461,12 @@ ExtentKind Image::subcluster_kind(const L2Entry& e, uint32_t sc, uint64_t guest_
   return ExtentKind::kUnallocated;
 }
 
+bool Image::valid_data_offset(uint64_t host) const {
+  return host % cluster_size_ == 0 && !is_metadata(host);
+}
+
 void Image::check_data_offset(uint64_t host, uint64_t guest_offset) const {
-  if (host % cluster_size_ != 0 || is_metadata(host)) {
+  if (!valid_data_offset(host)) {
     throw Qcow2Error(
         fmt::format("L2 entry for guest offset 0x{:x} points at invalid host offset 0x{:x}",
                     guest_offset, host));
@@ -491,7 +504,7 @@ void Image::read(uint64_t offset, std::span<uint8_t> buf) {
       // The data read itself runs without the lock so that requests in flight overlap in the
       // kernel. The host cluster cannot be freed meanwhile: frees wait for unlocked reads.
       check_data_offset(host, offset);
-      const uint64_t len = plain_run(offset, host + in_cluster, n, buf.size());
+      const uint64_t len = plain_run(offset, host + in_cluster, n, buf.size(), false);
       ++unlocked_reads_;
       lock.unlock();
       std::exception_ptr failure;
@@ -517,27 +530,16 @@ bool Image::try_read_cached(uint64_t offset, std::span<uint8_t> buf) {
   std::unique_lock lock(mu_);
   if (offset > header_.size || buf.size() > header_.size - offset) return false;
   while (!buf.empty()) {
-    const uint64_t guest_cluster = offset / cluster_size_;
     const uint64_t in_cluster = offset % cluster_size_;
-    const uint64_t l1_index = guest_cluster / l2_entries();
-    if (l1_index >= l1_.size()) return false;
-    const auto table = l2_index_.find(l1_[l1_index] & kOffsetMask);
-    if (table == l2_index_.end()) return false;  // not cached: loading it would block
-    l2_lru_.splice(l2_lru_.begin(), l2_lru_, table->second);
-    const std::vector<L2Entry>& entries = table->second->entries;
-    // Plain data of this table's clusters that lie back to back in the file: one pread.
-    const uint64_t host = entries[guest_cluster % l2_entries()].host() + in_cluster;
-    uint64_t len = 0;
-    for (uint64_t c = guest_cluster; len < buf.size() && c / l2_entries() == l1_index; ++c) {
-      const uint64_t start = c == guest_cluster ? in_cluster : 0;
-      const uint64_t n = std::min<uint64_t>(buf.size() - len, cluster_size_ - start);
-      const L2Entry& entry = entries[c % l2_entries()];
-      if (!plain_data(entry, start, n) || entry.host() + start != host + len) break;
-      if (entry.host() % cluster_size_ != 0 || is_metadata(entry.host())) break;  // read() throws
-      len += n;
+    const uint64_t n = std::min<uint64_t>(buf.size(), cluster_size_ - in_cluster);
+    const L2Entry* entry = cached_l2_entry(offset / cluster_size_);
+    // Zeros, backing file, compressed, suspect offsets: read() knows them all.
+    if (!entry || !plain_data(*entry, in_cluster, n) || !valid_data_offset(entry->host())) {
+      return false;
     }
-    if (len == 0) return false;  // zeros, backing file, compressed: read() knows them all
-    ++unlocked_reads_;           // the clusters cannot be freed until we are done (see read())
+    const uint64_t host = entry->host() + in_cluster;
+    const uint64_t len = plain_run(offset, host, n, buf.size(), true);
+    ++unlocked_reads_;  // the clusters cannot be freed until we are done (see read())
     lock.unlock();
     iovec iov{buf.data(), len};
     const ssize_t got = ::preadv2(fd_.get(), &iov, 1, off_t(host), RWF_NOWAIT);
@@ -552,14 +554,24 @@ bool Image::try_read_cached(uint64_t offset, std::span<uint8_t> buf) {
 
 // Extends a plain-data read of `n` bytes at guest `offset` (host `host`) over the following
 // clusters while they are plain data right after it in the file, so that a large read of a
-// sequentially allocated image is one pread instead of one per cluster.
-uint64_t Image::plain_run(uint64_t offset, uint64_t host, uint64_t n, uint64_t max) {
+// sequentially allocated image is one pread instead of one per cluster. With `cached_only`, stops
+// at an L2 table not in the cache instead of loading it. A suspect host offset ends the run; the
+// caller then meets that cluster on its own and reports it.
+uint64_t Image::plain_run(uint64_t offset, uint64_t host, uint64_t n, uint64_t max,
+                          bool cached_only) {
   while (n < max && offset + n < header_.size && (offset + n) % cluster_size_ == 0) {
     const uint64_t next = offset + n;
     const uint64_t m = std::min<uint64_t>({max - n, cluster_size_, header_.size - next});
-    const L2Entry entry = l2_entry(next / cluster_size_);
+    L2Entry entry;
+    if (cached_only) {
+      const L2Entry* cached = cached_l2_entry(next / cluster_size_);
+      if (!cached) break;
+      entry = *cached;
+    } else {
+      entry = l2_entry(next / cluster_size_);
+    }
     if (!plain_data(entry, 0, m) || entry.host() != host + n) break;
-    check_data_offset(entry.host(), next);
+    if (!valid_data_offset(entry.host())) break;
     n += m;
   }
   return n;

@@ -276,7 +276,10 @@ class Image : public SyncImage {
   void evict_l2_if_needed();
   void write_l2(L2Table& t);
   L2Entry l2_entry(uint64_t guest_cluster);
+  // The entry if its L2 table is in the cache (nullptr otherwise); never reads the file.
+  const L2Entry* cached_l2_entry(uint64_t guest_cluster);
   void set_l2_entry(uint64_t guest_cluster, const L2Entry& entry);
+  bool valid_data_offset(uint64_t host) const;
   void check_data_offset(uint64_t host, uint64_t guest_offset) const;
   // Header, L1, refcount table or a refcount block; with_l2 adds the active L2 tables.
   bool is_metadata(uint64_t host_cluster_offset, bool with_l2 = true) const;
@@ -287,7 +290,7 @@ class Image : public SyncImage {
   void read_subclusters(const L2Entry& entry, uint64_t offset, std::span<uint8_t> buf);
   void read_compressed(uint64_t entry, std::vector<uint8_t>& out);
   void read_from_backing(uint64_t offset, std::span<uint8_t> buf);
-  uint64_t plain_run(uint64_t offset, uint64_t host, uint64_t n, uint64_t max);
+  uint64_t plain_run(uint64_t offset, uint64_t host, uint64_t n, uint64_t max, bool cached_only);
   uint64_t write_new_run(uint64_t offset, std::span<const uint8_t> buf);
   void write_cluster_part(uint64_t offset, std::span<const uint8_t> buf);
   void write_subclusters(uint64_t offset, std::span<const uint8_t> buf);

@@ -53,7 +53,8 @@ class Qcow2Device final : public BlockDevice {
   // system call; only reads that would block go to a worker. A 4 KiB read costs about as much
   // as handing it to a worker and being woken by its completion, so workers used to double the
   // work, and many of them on few CPUs contended for the locks. Bounded so that a large read
-  // does not hold up the caller (a virtio queue, say) for long.
+  // does not hold up the caller (a virtio queue, say) for long. A read that needs the disk pays
+  // for the attempt: the image lock and, if its table is cached, one preadv2 that returns EAGAIN.
   void read(uint64_t offset, std::span<const iovec> iov, Completion done) override {
     if (iov.size() == 1 && iov[0].iov_len <= kInlineReadMax &&
         image_->try_read_cached(offset, {static_cast<uint8_t*>(iov[0].iov_base), iov[0].iov_len})) {

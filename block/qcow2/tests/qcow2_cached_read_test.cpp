@@ -81,6 +81,34 @@ TEST_F(CachedReadTest, LeavesEverythingButPlainDataToRead) {
   EXPECT_FALSE(image->try_read_cached((1 << 20) - 4096, across)) << "past the end";
 }
 
+// An untrusted entry in a table that is already cached: the fast path neither reads through it
+// nor throws, and read() on the worker reports it. Also when good data runs into it.
+TEST_F(CachedReadTest, SuspectEntryInACachedTableFailsOnTheWorker) {
+  std::vector<uint8_t> entry(8);
+  store_be64(entry.data(), kFlagCopied | 0x20000);  // cluster 2 "in" the refcount block
+  testing::write_file_at(img_, 0x40000 + 2 * 8, entry);
+  auto image = open();
+  std::vector<uint8_t> buf(4096), across(8192);
+  image->read(0, buf);  // loads the table
+  EXPECT_FALSE(image->try_read_cached(128 << 10, buf));
+  EXPECT_FALSE(image->try_read_cached((128 << 10) - 4096, across));
+  image.reset();
+
+  OpenOptions o;
+  o.workers = 1;
+  auto dev = open_qcow2_device(img_, o);
+  auto read_result = [&](uint64_t offset, std::vector<uint8_t>& b) {
+    iovec iov{b.data(), b.size()};
+    std::promise<int> done;
+    dev->read(offset, std::span(&iov, 1), [&](int r) { done.set_value(r); });
+    return done.get_future().get();
+  };
+  EXPECT_EQ(read_result(0, buf), 0);
+  EXPECT_EQ(read_result(128 << 10, buf), -EIO);
+  EXPECT_EQ(read_result((128 << 10) - 4096, across), -EIO);
+  EXPECT_EQ(read_result(4096, buf), 0) << "the good clusters still read";
+}
+
 TEST_F(CachedReadTest, DataNotInThePageCacheIsLeftToRead) {
   auto image = open();
   std::vector<uint8_t> buf(4096);
